@@ -1,0 +1,1 @@
+"""Triton kernels for the LCD step (one op per file), each beside a torch reference; dispatch picks one."""

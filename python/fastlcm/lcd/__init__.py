@@ -1,0 +1,1 @@
+"""Latent consistency distillation math as pure functions, and the step that composes them."""
