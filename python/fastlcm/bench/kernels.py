@@ -1,0 +1,290 @@
+"""`fastlcm bench kernels`: the Triton ops vs the eager torch composition and torch.compile, on a CUDA GPU.
+
+For each op and latent size it times the call (CUDA events, after warmup), converts the time into effective
+bandwidth — the bytes an ideal implementation must move (listed in ``IDEAL_BYTES``) divided by the time, the same
+count for every implementation — and relates it to the card's measured copy bandwidth (``dst.copy_(src)`` of a
+large buffer: read + write). Before timing, the Triton result is checked against eager. Rows are appended to
+``benches/results/kernels.csv`` stamped with the GPU name, commit and date.
+
+Sizes: ``sd15:B`` = B×4×64×64 (512 px), ``sdxl:B`` = B×4×128×128 (1024 px), or an explicit ``BxCxHxW``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OPS = ("loss", "boundary", "boundary_fwd", "solver")
+IDEAL_BYTES = {
+    # multiples of N·(element size) that any implementation must read + write
+    "loss": 3,  # forward + backward: read pred, target; write ∂loss/∂pred
+    "boundary": 5,  # forward (read m, z; write f) + backward (read ∂f; write ∂m)
+    "boundary_fwd": 3,  # target f⁻ under no_grad: read m, z; write f
+    "solver": 4,  # read the 2B teacher output and z; write z_s
+}
+DEFAULT_SIZES = "sd15:12,sd15:48,sdxl:12,sdxl:48"
+CSV_FIELDS = (
+    "date_utc", "commit", "gpu", "torch", "triton", "op", "shape", "dtype", "impl", "ms", "gbps", "pct_copy_bw",
+    "speedup_vs_eager", "copy_gbps", "check",
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sizes", default=None, help=f"comma list of sd15:B, sdxl:B or BxCxHxW (default {DEFAULT_SIZES})"
+    )
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma list of {', '.join(OPS)}")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--loss-type", default="huber", choices=("l2", "huber"))
+    parser.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction", "sample"))
+    parser.add_argument("--warmup", type=int, default=25, help="untimed calls per measurement (default 25)")
+    parser.add_argument("--iters", type=int, default=200, help="timed calls per measurement (default 200)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--copy-mib", type=int, default=1024, help="buffer size for the copy bandwidth (default 1024)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--record", default="benches/results/kernels.csv", help="CSV the rows are appended to")
+    parser.add_argument("--no-record", action="store_true", help="do not append to the CSV")
+    # Smoke test of this code path without a GPU (Triton interpreter, wall-clock timings, never recorded).
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help=argparse.SUPPRESS)
+
+
+def parse_size(spec: str) -> tuple[int, ...]:
+    spec = spec.strip().lower()
+    family, _, batch = spec.partition(":")
+    if batch:
+        latent = {"sd15": 64, "sdxl": 128}.get(family)
+        if latent is None or not batch.isdigit() or int(batch) < 1:
+            raise ValueError(f"--sizes: {spec!r} is not sd15:B, sdxl:B or BxCxHxW")
+        return (int(batch), 4, latent, latent)
+    dims = spec.split("x")
+    if len(dims) < 2 or not all(d.isdigit() and int(d) > 0 for d in dims):
+        raise ValueError(f"--sizes: {spec!r} is not sd15:B, sdxl:B or BxCxHxW")
+    return tuple(int(d) for d in dims)
+
+
+def _commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10)  # fmt: skip
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Timer:
+    """Seconds per call: CUDA events on the GPU, perf_counter (after a sync) otherwise."""
+
+    def __init__(self, device, warmup: int, iters: int):
+        self.device, self.warmup, self.iters = device, warmup, iters
+
+    def __call__(self, fn) -> float:
+        import torch
+
+        for _ in range(self.warmup):
+            fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(self.iters):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / self.iters
+        t0 = time.perf_counter()
+        for _ in range(self.iters):
+            fn()
+        return (time.perf_counter() - t0) / self.iters
+
+
+def copy_bandwidth(device, mib: int, timer: Timer) -> float:
+    """GB/s of ``dst.copy_(src)`` over a ``mib`` MiB buffer, counting the read and the write."""
+    import torch
+
+    n = mib * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = timer(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def make_cases(op: str, shape, dtype, device, loss_type: str, prediction_type: str, compile_: bool):
+    """{impl: zero-arg callable returning the op's output(s)} for one op and size."""
+    import torch
+
+    from fastlcm import kernels
+    from fastlcm.lcd import math as lcd_math
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    batch = shape[0]
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen).to(device=device, dtype=dtype)
+
+    def per_sample(lo, hi):
+        return (torch.rand(batch, generator=gen) * (hi - lo) + lo).to(device)
+
+    alpha = per_sample(0.05, 0.99)
+    sigma, c_skip, c_out = (1 - alpha**2).sqrt(), per_sample(0.0, 1.0), per_sample(0.0, 1.0)
+    a_prev, w = per_sample(0.05, 0.99), per_sample(3.0, 15.0)
+
+    def compiled(fn):
+        return torch.compile(fn, dynamic=False) if compile_ else None
+
+    if op == "loss":
+        pred, target = rnd(*shape).requires_grad_(True), rnd(*shape)
+
+        def eager_loss(p, q):
+            return lcd_math.consistency_loss(p, q, loss_type, 0.001)
+
+        fns = {"triton": lambda p, q: kernels.consistency_loss(p, q, loss_type, 0.001), "eager": eager_loss,
+               "compile": compiled(eager_loss)}  # fmt: skip
+        return {
+            k: (lambda f=f: (lambda loss: (loss, *torch.autograd.grad(loss, pred)))(f(pred, target)))
+            for k, f in fns.items() if f
+        }  # fmt: skip
+    if op in ("boundary", "boundary_fwd"):
+        m, z, g = rnd(*shape), rnd(*shape), rnd(*shape)
+        if op == "boundary":
+            m.requires_grad_(True)
+
+        def eager_boundary(m_, z_, a_, s_, cs_, co_):
+            x0 = lcd_math.predicted_x0(m_.float(), z_.float(), a_, s_, prediction_type)
+            return lcd_math.consistency_output(z_.float(), x0, cs_, co_).to(dtype)
+
+        fns = {"triton": lambda *a: kernels.boundary_output(*a, prediction_type), "eager": eager_boundary,
+               "compile": compiled(eager_boundary)}  # fmt: skip
+        if op == "boundary_fwd":
+            return {k: (lambda f=f: f(m, z, alpha, sigma, c_skip, c_out)) for k, f in fns.items() if f}
+        return {
+            k: (lambda f=f: (lambda out: (out, *torch.autograd.grad(out, m, g)))(f(m, z, alpha, sigma, c_skip, c_out)))
+            for k, f in fns.items() if f
+        }  # fmt: skip
+    if op == "solver":
+        teacher_out, z = rnd(2 * batch, *shape[1:]), rnd(*shape)
+
+        def eager_solver(t_, z_, a_, s_, ap_, w_):
+            cond, uncond = t_.float().chunk(2)
+            zf = z_.float()
+            x0 = lcd_math.guided(lcd_math.predicted_x0(cond, zf, a_, s_, prediction_type),
+                                 lcd_math.predicted_x0(uncond, zf, a_, s_, prediction_type), w_)  # fmt: skip
+            eps = lcd_math.guided(lcd_math.predicted_eps(cond, zf, a_, s_, prediction_type),
+                                  lcd_math.predicted_eps(uncond, zf, a_, s_, prediction_type), w_)  # fmt: skip
+            return lcd_math.ddim_step(x0, eps, ap_).to(dtype)
+
+        fns = {"triton": lambda *a: kernels.solver_step(*a, prediction_type), "eager": eager_solver,
+               "compile": compiled(eager_solver)}  # fmt: skip
+        return {k: (lambda f=f: _no_grad(f, teacher_out, z, alpha, sigma, a_prev, w)) for k, f in fns.items() if f}
+    raise ValueError(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
+
+
+def _no_grad(fn, *args):
+    import torch
+
+    with torch.no_grad():
+        return fn(*args)
+
+
+def _check(triton_out, eager_out, dtype) -> str:
+    import torch
+
+    from fastlcm.kernels.compare import TOLERANCES, mismatch_report
+
+    outs = triton_out if isinstance(triton_out, tuple) else (triton_out,)
+    refs = eager_out if isinstance(eager_out, tuple) else (eager_out,)
+    for a, e in zip(outs, refs):
+        rtol, atol = TOLERANCES[a.dtype if a.dtype in TOLERANCES else torch.float32]
+        report = mismatch_report(a, e, rtol, atol)
+        if report:
+            return "MISMATCH: " + report
+    return "ok"
+
+
+def run(args) -> int:
+    import torch
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("fastlcm bench kernels: needs a CUDA GPU, and torch.cuda.is_available() is False on this machine; "
+              "nothing was measured", file=sys.stderr)  # fmt: skip
+        return 2
+    from fastlcm import kernels
+
+    if not kernels.triton_available():
+        print("fastlcm bench kernels: Triton is not importable; install triton", file=sys.stderr)
+        return 2
+    smoke = device.type == "cpu"
+    try:
+        sizes = [parse_size(s) for s in (args.sizes or ("2x4x8x8" if smoke else DEFAULT_SIZES)).split(",")]
+        ops = [o.strip() for o in args.ops.split(",")]
+        for op in ops:
+            if op not in OPS:
+                raise ValueError(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
+    except ValueError as exc:
+        print(f"fastlcm bench kernels: {exc}", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    compile_ = not args.no_compile and not smoke
+    timer = Timer(device, args.warmup, args.iters)
+    gpu = torch.cuda.get_device_name(device) if not smoke else "cpu (smoke test: Triton interpreter)"
+    copy_gbps = copy_bandwidth(device, min(args.copy_mib, 16) if smoke else args.copy_mib, timer)
+    import triton
+
+    meta = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": _commit(),
+            "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}  # fmt: skip
+    rows, failed = [], False
+    with kernels.forced_kernels("triton"):
+        for shape in sizes:
+            numel = 1
+            for d in shape:
+                numel *= d
+            ideal = {op: IDEAL_BYTES[op] * numel * torch.tensor([], dtype=dtype).element_size() for op in ops}
+            for op in ops:
+                cases = make_cases(op, shape, dtype, device, args.loss_type, args.prediction_type, compile_)
+                check = _check(cases["triton"](), cases["eager"](), dtype)
+                failed |= check != "ok"
+                times = {impl: timer(fn) for impl, fn in cases.items()}
+                for impl, seconds in times.items():
+                    gbps = ideal[op] / seconds / 1e9
+                    rows.append({**meta, "op": op, "shape": "x".join(map(str, shape)), "dtype": args.dtype,
+                                 "impl": impl, "ms": seconds * 1e3, "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps,
+                                 "speedup_vs_eager": times["eager"] / seconds, "copy_gbps": copy_gbps,
+                                 "check": check if impl == "triton" else ""})  # fmt: skip
+    if args.json:
+        print(json.dumps({**meta, "copy_gbps": copy_gbps, "ideal_bytes_per_element": IDEAL_BYTES, "rows": rows},
+                         indent=2))  # fmt: skip
+    else:
+        print(f"GPU: {gpu}   torch {meta['torch']}   triton {meta['triton']}   commit {meta['commit']}")
+        print(f"copy bandwidth (dst.copy_(src), read+write): {copy_gbps:.1f} GB/s")
+        print("GB/s = ideal bytes (IDEAL_BYTES x N x element size) / time; loss/boundary include the backward")
+        print(f"{'op':<13}{'shape':<16}{'dtype':<10}{'impl':<9}{'ms':>9}{'GB/s':>9}{'%copy':>8}{'x eager':>9}  check")
+        for r in rows:
+            print(f"{r['op']:<13}{r['shape']:<16}{r['dtype']:<10}{r['impl']:<9}{r['ms']:>9.4f}{r['gbps']:>9.1f}"
+                  f"{r['pct_copy_bw']:>7.1f}%{r['speedup_vs_eager']:>9.2f}  {r['check']}")  # fmt: skip
+    if smoke:
+        print("(CPU smoke test: timings are meaningless and nothing is recorded)", file=sys.stderr)
+    elif not args.no_record:
+        path = Path(args.record)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists() or path.stat().st_size == 0
+        with path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            for r in rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+        print(f"appended {len(rows)} rows to {path}", file=sys.stderr)
+    if failed:
+        print("fastlcm bench kernels: a Triton result did not match eager (see the check column)", file=sys.stderr)
+        return 1
+    return 0
