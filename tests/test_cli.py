@@ -39,3 +39,15 @@ def test_python_dash_m_runs_the_same_cli():
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "COMMAND" in capsys.readouterr().out
+
+
+def test_cli_parser_does_not_import_torch():
+    """`fastlcm --help` stays fast: building the parser must not import torch, diffusers, transformers or numpy."""
+    code = (
+        "import sys; import fastlcm.cli as c; c.build_parser(); "
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"parser construction imported: {out.stdout.strip()}"

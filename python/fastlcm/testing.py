@@ -363,3 +363,113 @@ def make_tiny_shards(
             paths.append(write_tar(out / f"{prefix}-{len(paths):05d}.tar", members))
             members = []
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hostile and unusual shard builders (loader parity / robustness tests)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_bytes(
+    array: np.ndarray,
+    color_type: int,
+    bit_depth: int = 8,
+    palette: np.ndarray | None = None,
+    trns: bytes | None = None,
+) -> bytes:
+    """Encode a PNG by hand (filter 0 rows), for the variants PIL cannot write (16-bit RGB/RGBA/LA).
+
+    ``color_type``: 0 gray, 2 RGB, 3 palette (``array`` holds indices, ``palette`` is Nx3 uint8), 4 gray+alpha,
+    6 RGBA. ``bit_depth`` 8 or 16 (16: ``array`` is uint16). ``trns`` is a raw tRNS chunk payload.
+    """
+    import struct
+    import zlib
+
+    a = np.asarray(array)
+    h, w = a.shape[:2]
+    raw = a.astype(">u2" if bit_depth == 16 else np.uint8).reshape(h, -1).tobytes()
+    stride = len(raw) // h
+    rows = b"".join(b"\0" + raw[i * stride : (i + 1) * stride] for i in range(h))
+    out = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0))
+    if palette is not None:
+        out += _png_chunk(b"PLTE", np.asarray(palette, dtype=np.uint8).tobytes())
+    if trns is not None:
+        out += _png_chunk(b"tRNS", trns)
+    return out + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b"")
+
+
+PNG_VARIANTS = ("rgb8", "rgb16", "gray8", "gray16", "palette", "palette_trns", "rgba8", "rgba16", "gray_alpha8")
+
+
+def png_variant(rng: np.random.Generator, height: int, width: int, variant: str) -> bytes:
+    """A synthetic image as a PNG of one of :data:`PNG_VARIANTS` (bit depth, gray, palette, alpha)."""
+    rgb, _ = synthetic_image(rng, height, width)
+    wide = (rgb.astype(np.uint32) * 256 + rng.integers(0, 256, size=rgb.shape)).astype(np.uint16)  # high byte = rgb
+    gray = rgb.mean(axis=2).astype(np.uint8)
+    alpha = rng.integers(0, 256, size=(height, width, 1)).astype(np.uint8)
+    if variant == "rgb8":
+        return png_bytes(rgb, 2)
+    if variant == "rgb16":
+        return png_bytes(wide, 2, 16)
+    if variant == "gray8":
+        return png_bytes(gray, 0)
+    if variant == "gray16":
+        return png_bytes(wide[:, :, 0], 0, 16)
+    if variant in ("palette", "palette_trns"):
+        palette = rng.integers(0, 256, size=(16, 3)).astype(np.uint8)
+        index = (gray // 16).astype(np.uint8)
+        trns = bytes(range(0, 256, 16)) if variant == "palette_trns" else None
+        return png_bytes(index, 3, palette=palette, trns=trns)
+    if variant == "rgba8":
+        return png_bytes(np.concatenate([rgb, alpha], axis=2), 6)
+    if variant == "rgba16":
+        return png_bytes(np.concatenate([wide, alpha.astype(np.uint16) * 257], axis=2), 6, 16)
+    if variant == "gray_alpha8":
+        return png_bytes(np.stack([gray, alpha[:, :, 0]], axis=2), 4)
+    raise ValueError(f"unknown PNG variant {variant!r}; expected one of {PNG_VARIANTS}")
+
+
+def png_with_declared_size(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` RGB pixels but whose data is a few bytes (a bomb/lie)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def jpeg_with_declared_size(width: int, height: int, seed: int = 0) -> bytes:
+    """A small real JPEG with its SOF0 frame header patched to declare ``width`` x ``height`` (max 65535)."""
+    rng = np.random.default_rng(seed)
+    data = bytearray(encode_image(synthetic_image(rng, 32, 32)[0], "jpg"))
+    sof = data.find(b"\xff\xc0")
+    if sof < 0:
+        raise RuntimeError("PIL wrote a JPEG without a baseline SOF0 marker")
+    data[sof + 5 : sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7 : sof + 9] = width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def tar_member_offsets(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """``{member name: (data offset, size)}`` of a tar file (to cut a shard inside a chosen member)."""
+    with tarfile.open(path, "r:") as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+
+
+def truncated_copy(path: str | os.PathLike, out: str | os.PathLike, length: int) -> Path:
+    """Write the first ``length`` bytes of the tar at ``path`` to ``out`` (a shard cut short mid-transfer)."""
+    out = Path(out)
+    out.write_bytes(Path(path).read_bytes()[:length])
+    return out

@@ -1,1 +1,30 @@
-"""Data path: the Rust-backed ShardLoader and a slow pure-Python reference reader (a test oracle)."""
+"""Data path: the Rust-backed ShardLoader and a slow pure-Python reference reader (a test oracle).
+
+Names are imported lazily so that light users of the package (``fastlcm --help``, ``make-shards``) do not pay for
+importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = [
+    "Batch",
+    "DecodeError",
+    "LoaderError",
+    "NoDataError",
+    "ShardLoader",
+    "ShardSourceError",
+    "TarFormatError",
+    "TooManyRejectionsError",
+]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(importlib.import_module("fastlcm.data.loader"), name)
+    raise AttributeError(f"module 'fastlcm.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

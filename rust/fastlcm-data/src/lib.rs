@@ -1,14 +1,31 @@
 //! fastlcm-data: the pyo3-free core of fastlcm's data path.
 //!
 //! Stages (one module each, see DESIGN.md "Data flow"): shards → source → tar → samples → shuffle →
-//! decode → batch. Only the error type exists so far; the loader lands with its issue.
+//! decode → batch, driven by `pipeline::Loader` (reader thread + decode threads, ordered results).
 
+pub mod batch;
+pub mod config;
+pub mod decode;
 pub mod error;
+pub mod pipeline;
+pub mod reader;
+pub mod rng;
+pub mod samples;
+pub mod shards;
+pub mod shuffle;
+pub mod source;
+pub mod stats;
+pub mod tar;
 
+pub use decode::DType;
 pub use error::{Error, Result};
+pub use pipeline::{Loader, LoaderConfig, Poll, ResumeState};
 
 /// Version of the core crate, shown by `fastlcm --version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[cfg(test)]
+mod pipeline_tests;
 
 #[cfg(test)]
 mod tests {

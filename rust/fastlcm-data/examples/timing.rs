@@ -1,0 +1,103 @@
+//! Quick per-stage timing on one shard: `cargo run --release --example timing -- SHARD.tar [R]`.
+//! Prints images/s for JPEG decode alone, and for decode + resize + crop (+ CHW float32 write).
+
+use std::time::Instant;
+
+/// CPU time of this thread in seconds (Linux schedstat), so numbers hold on a busy machine.
+fn cpu_s() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|ns| ns * 1e-9)
+        .unwrap_or(f64::NAN)
+}
+
+use fastlcm_data::decode::{
+    decode_rgb, process, write_chw, DType, DecodeOptions, Scratch, MAX_PIXELS,
+};
+use fastlcm_data::rng::Rng;
+use fastlcm_data::samples::{select, Filters, Grouper};
+use fastlcm_data::tar::TarReader;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args.get(1).expect("usage: timing SHARD.tar [R]");
+    let r: u32 = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(512);
+    let mut tar = TarReader::new(std::fs::File::open(path).unwrap(), path.as_str());
+    let mut g = Grouper::default();
+    let shard: std::sync::Arc<str> = std::sync::Arc::from(path.as_str());
+    let mut images = Vec::new();
+    let mut groups = Vec::new();
+    while let Some(e) = tar.next_entry().unwrap() {
+        groups.extend(g.push(e));
+    }
+    groups.extend(g.finish());
+    for gr in groups {
+        if let Ok(s) = select(gr, &shard, &Filters::default()) {
+            images.push(s.image);
+        }
+    }
+    let mut s = Scratch::default();
+    let (t, c) = (Instant::now(), cpu_s());
+    for im in &images {
+        decode_rgb(im, &mut s, None, MAX_PIXELS).unwrap();
+    }
+    let (dec, cpu) = (t.elapsed().as_secs_f64(), cpu_s() - c);
+    println!(
+        "decode only: {:.1} img/s wall, {:.1} img per CPU-second ({} images)",
+        images.len() as f64 / dec,
+        images.len() as f64 / cpu,
+        images.len()
+    );
+    {
+        use fastlcm_data::decode::{resize_crop, resized_size};
+        let (w, h, _, _) = decode_rgb(&images[0], &mut s, None, MAX_PIXELS).unwrap();
+        let (nw, nh) = resized_size(w, h, r);
+        let rgb = std::mem::take(s_rgb(&mut s));
+        let mut out = vec![0u8; (r * r * 3) as usize];
+        let mut rz = fast_image_resize::Resizer::new();
+        let c = cpu_s();
+        for _ in 0..50 {
+            resize_crop(&rgb, w, h, nw, nh, 0, 0, r, &mut rz, &mut out).unwrap();
+        }
+        println!(
+            "resize_crop {w}x{h}->{nw}x{nh}: {:.2} ms CPU",
+            (cpu_s() - c) * 1000.0 / 50.0
+        );
+        let mut slot = vec![0u8; (3 * r * r * 4) as usize];
+        let c = cpu_s();
+        for _ in 0..50 {
+            write_chw(&out, DType::F32, &mut slot);
+        }
+        println!("write_chw f32: {:.2} ms CPU", (cpu_s() - c) * 1000.0 / 50.0);
+    }
+    for dct in [false, true] {
+        let o = DecodeOptions {
+            resolution: r,
+            center_crop: false,
+            random_flip: false,
+            dct_scaling: dct,
+            max_pixels: MAX_PIXELS,
+        };
+        let mut out = Vec::new();
+        let mut slot = vec![0u8; (3 * r * r * 4) as usize];
+        let c = cpu_s();
+        for (i, im) in images.iter().enumerate() {
+            process(im, &mut Rng::new(i as u64), &o, &mut s, &mut out).unwrap();
+            write_chw(&out, DType::F32, &mut slot);
+        }
+        let cpu = cpu_s() - c;
+        println!(
+            "decode+resize+crop+f32 (dct_scaling={dct}): {:.1} img per CPU-second",
+            images.len() as f64 / cpu
+        );
+    }
+}
+
+fn s_rgb(s: &mut Scratch) -> &mut Vec<u8> {
+    s.rgb_mut()
+}
