@@ -5,8 +5,8 @@ does the backward, clipping, optimizer and EMA (steps 13–14). Family-specific 
 conditioning, extra UNet inputs) live behind :class:`TextConditioner`; randomness behind :class:`Draws`, so tests
 can feed fixed tensors and checkpoints can save the generator state.
 
-The arithmetic uses ``fastlcm.kernels`` (Triton on CUDA, torch elsewhere) when that package provides the ops;
-otherwise the same compositions of :mod:`fastlcm.lcd.math` defined below (the kernels' torch path is this math).
+The elementwise arithmetic (solver, boundary outputs, loss) runs through ``fastlcm.kernels``: Triton on CUDA, and
+on CPU the kernels' torch references, which compose :mod:`fastlcm.lcd.math`.
 """
 
 from __future__ import annotations
@@ -17,30 +17,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from fastlcm.kernels import boundary_output, consistency_loss, solver_step
 from fastlcm.lcd import math as lcm
-
-
-def _boundary_output_torch(model_out, z, alpha, sigma, c_skip, c_out, prediction_type):
-    x0 = lcm.predicted_x0(model_out.float(), z.float(), alpha, sigma, prediction_type)
-    return lcm.consistency_output(z.float(), x0, c_skip, c_out).to(z.dtype)
-
-
-def _solver_step_torch(teacher_out, z, alpha, sigma, alpha_prev_cumprod, w, prediction_type):
-    cond, uncond = teacher_out.float().chunk(2)
-    zf = z.float()
-    x0 = lcm.guided(lcm.predicted_x0(cond, zf, alpha, sigma, prediction_type),
-                    lcm.predicted_x0(uncond, zf, alpha, sigma, prediction_type), w)
-    eps = lcm.guided(lcm.predicted_eps(cond, zf, alpha, sigma, prediction_type),
-                     lcm.predicted_eps(uncond, zf, alpha, sigma, prediction_type), w)
-    return lcm.ddim_step(x0, eps, alpha_prev_cumprod).to(z.dtype)
-
-
-try:  # the kernels package (issue 5): same signatures, Triton on CUDA
-    from fastlcm.kernels import boundary_output, consistency_loss, solver_step
-    KERNELS = "fastlcm.kernels"
-except ImportError:  # pragma: no cover - depends on which helpers have landed
-    boundary_output, solver_step, consistency_loss = _boundary_output_torch, _solver_step_torch, lcm.consistency_loss
-    KERNELS = "fastlcm.lcd.math"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,7 +189,7 @@ def lcd_step(
 
     # 8. student: f_θ = c_skip(t)·z_t + c_out(t)·x̂0(student(z_t, t, c, e(w)))
     student_out = models.student(z_t, t, timestep_cond=w_emb, **c.unet_kwargs()).sample
-    f_theta = boundary_output(student_out.float(), z_t, alpha_t, sigma_t, c_skip_t, c_out_t, ptype)
+    f_theta = boundary_output(student_out, z_t, alpha_t, sigma_t, c_skip_t, c_out_t, ptype)
 
     with torch.no_grad():
         # 9. teacher: one forward over [c; c∅] at 2B, guided x̂0 and ε̂
@@ -222,13 +200,13 @@ def lcd_step(
             ).sample
         # 10. DDIM step: z_s = √ᾱ_prev(i)·x̂0 + √(1 − ᾱ_prev(i))·ε̂
         alpha_prev = grid.alpha_cumprod_prev[index].float()
-        z_s = solver_step(teacher_out.float(), z_t, alpha_t, sigma_t, alpha_prev, w, ptype)
+        z_s = solver_step(teacher_out, z_t, alpha_t, sigma_t, alpha_prev, w, ptype)
 
         # 11. target: f⁻ = c_skip(s)·z_s + c_out(s)·x̂0(target(z_s, s, c, e(w)))
         alpha_s, sigma_s = (v.float() for v in grid.alpha_sigma(s))
         with models.autocast():
             target_out = models.target(z_s, s, timestep_cond=w_emb, **c.unet_kwargs()).sample
-        f_target = boundary_output(target_out.float(), z_s, alpha_s, sigma_s, c_skip_s, c_out_s, ptype)
+        f_target = boundary_output(target_out, z_s, alpha_s, sigma_s, c_skip_s, c_out_s, ptype)
 
     # 12. loss: L2 or pseudo-Huber between f_θ and f⁻
     loss = consistency_loss(f_theta, f_target.detach(), s_.loss_type, s_.huber_c)
