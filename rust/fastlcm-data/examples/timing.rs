@@ -53,6 +53,67 @@ fn main() {
         images.len() as f64 / cpu,
         images.len()
     );
+    let c = cpu_s();
+    for im in &images {
+        decode_rgb(im, &mut s, Some(r), MAX_PIXELS).unwrap();
+    }
+    println!(
+        "decode only at the dct_scaling factor for R={r}: {:.2} ms CPU/image",
+        (cpu_s() - c) * 1000.0 / images.len() as f64
+    );
+    for fast in [false, true] {
+        let mut tj = turbojpeg::Decompressor::new().unwrap();
+        tj.set_fast_upsample(fast).unwrap();
+        let mut buf = Vec::new();
+        let c = cpu_s();
+        for im in &images {
+            let h = tj.read_header(im).unwrap();
+            let f = fastlcm_data::decode::dct_factor(h.width.min(h.height) as u64, r as u64);
+            tj.set_scaling_factor(f).unwrap();
+            let sc = h.scaled(f);
+            buf.resize(sc.width * sc.height * 3, 0);
+            let img = turbojpeg::Image {
+                pixels: buf.as_mut_slice(),
+                width: sc.width,
+                pitch: sc.width * 3,
+                height: sc.height,
+                format: turbojpeg::PixelFormat::RGB,
+            };
+            tj.decompress(im, img).unwrap();
+        }
+        println!(
+            "  raw libjpeg-turbo at that factor, fast_upsample={fast}: {:.2} ms CPU/image",
+            (cpu_s() - c) * 1000.0 / images.len() as f64
+        );
+    }
+    // Raw decode cost of every eighth (on all images, whatever R): shows which factors pay off.
+    let mut tj = turbojpeg::Decompressor::new().unwrap();
+    let mut buf = Vec::new();
+    for (m, fast) in (1..=8usize)
+        .map(|m| (m, false))
+        .chain([(4, true), (8, true)])
+    {
+        tj.set_fast_upsample(fast).unwrap();
+        let f = turbojpeg::ScalingFactor::new(m, 8);
+        tj.set_scaling_factor(f).unwrap();
+        let c = cpu_s();
+        for im in &images {
+            let sc = tj.read_header(im).unwrap().scaled(f);
+            buf.resize(sc.width * sc.height * 3, 0);
+            let img = turbojpeg::Image {
+                pixels: buf.as_mut_slice(),
+                width: sc.width,
+                pitch: sc.width * 3,
+                height: sc.height,
+                format: turbojpeg::PixelFormat::RGB,
+            };
+            tj.decompress(im, img).unwrap();
+        }
+        println!(
+            "  decode at {m}/8 (fast_upsample={fast}): {:.2} ms CPU/image",
+            (cpu_s() - c) * 1000.0 / images.len() as f64
+        );
+    }
     {
         use fastlcm_data::decode::{resize_crop, resized_size};
         let (w, h, _, _) = decode_rgb(&images[0], &mut s, None, MAX_PIXELS).unwrap();
@@ -75,6 +136,43 @@ fn main() {
         }
         println!("write_chw f32: {:.2} ms CPU", (cpu_s() - c) * 1000.0 / 50.0);
     }
+    // Quality of reduced-scale decoding against the full decode (center crop), for decode targets m * R.
+    if std::env::var_os("TIMING_QUALITY").is_some() {
+        use fastlcm_data::decode::{resize_crop, resized_size};
+        let mut rz = fast_image_resize::Resizer::new();
+        for m in [1.0f64, 1.25, 1.5, 2.0] {
+            for im in &images {
+                let (w, h, ow, oh) = decode_rgb(im, &mut s, None, MAX_PIXELS).unwrap();
+                let (nw, nh) = resized_size(ow, oh, r);
+                let (top, left) = ((nh - r) / 2, (nw - r) / 2);
+                let mut a = vec![0u8; (r * r * 3) as usize];
+                let rgb = s.rgb_mut().clone();
+                resize_crop(&rgb, w, h, nw, nh, top, left, r, &mut rz, &mut a).unwrap();
+                let t = (r as f64 * m).ceil() as u32;
+                let (w2, h2, _, _) = decode_rgb(im, &mut s, Some(t), MAX_PIXELS).unwrap();
+                let mut b = a.clone();
+                let rgb = s.rgb_mut().clone();
+                resize_crop(&rgb, w2, h2, nw, nh, top, left, r, &mut rz, &mut b).unwrap();
+                let n = a.len() as f64;
+                let mae = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (*x as f64 - *y as f64).abs())
+                    .sum::<f64>()
+                    / n;
+                let mse = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+                    .sum::<f64>()
+                    / n;
+                println!(
+                    "margin {m}: {ow}x{oh} decoded {w2}x{h2} -> {nw}x{nh}: MAE {mae:.3} PSNR {:.1}",
+                    10.0 * (255.0f64 * 255.0 / mse).log10()
+                );
+            }
+        }
+    }
     for dct in [false, true] {
         let o = DecodeOptions {
             resolution: r,
@@ -92,8 +190,9 @@ fn main() {
         }
         let cpu = cpu_s() - c;
         println!(
-            "decode+resize+crop+f32 (dct_scaling={dct}): {:.1} img per CPU-second",
-            images.len() as f64 / cpu
+            "decode+resize+crop+f32 (dct_scaling={dct}): {:.1} img per CPU-second ({:.2} ms/image)",
+            images.len() as f64 / cpu,
+            cpu * 1000.0 / images.len() as f64
         );
     }
 }

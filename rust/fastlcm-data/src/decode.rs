@@ -2,8 +2,9 @@
 //! Pillow's antialiased bilinear convolution → crop R×R (random or center) → optional flip, and the final
 //! normalize + layout change into a batch slot (`write_chw`).
 //!
-//! JPEG uses libjpeg-turbo (optionally decoding at 1/2, 1/4, 1/8 DCT scale), PNG the `png` crate (8/16-bit,
-//! gray, palette, alpha), WebP `image-webp`. Only the crop window of the resized image is computed.
+//! JPEG uses libjpeg-turbo (optionally decoding at a reduced DCT scale 1/2, 1/4, 1/8, see [`dct_factor`]), PNG
+//! the `png` crate (8/16-bit, gray, palette, alpha), WebP `image-webp`. Only the crop window of the resized image is
+//! computed.
 
 use std::io::Cursor;
 use std::sync::OnceLock;
@@ -54,7 +55,8 @@ pub struct DecodeOptions {
     pub center_crop: bool,
     /// Flip horizontally with probability 1/2 (after the crop).
     pub random_flip: bool,
-    /// JPEG only: decode at 1/2, 1/4 or 1/8 scale when the short side stays >= R.
+    /// JPEG only: decode at the smallest of 1/2, 1/4, 1/8 DCT scale whose exact scaled short side is still
+    /// >= 1.25 R (see [`dct_factor`]); the resize then still downsamples, to the same size as the full path.
     pub dct_scaling: bool,
     /// Reject images with more pixels than this.
     pub max_pixels: u64,
@@ -155,20 +157,10 @@ fn decode_jpeg(
         .map_err(|e| format!("JPEG header: {e}"))?;
     let (ow, oh) = (header.width as u64, header.height as u64);
     check_size(ow, oh, max_pixels)?;
-    let mut factor = turbojpeg::ScalingFactor::ONE;
-    if let (Some(r), false) = (dct_target, header.is_lossless) {
-        let short = ow.min(oh) as usize;
-        for f in [
-            turbojpeg::ScalingFactor::ONE_EIGHTH,
-            turbojpeg::ScalingFactor::ONE_QUARTER,
-            turbojpeg::ScalingFactor::ONE_HALF,
-        ] {
-            if f.scale(short) >= r as usize {
-                factor = f;
-                break;
-            }
-        }
-    }
+    let factor = match (dct_target, header.is_lossless) {
+        (Some(r), false) => dct_factor(ow.min(oh), r as u64),
+        _ => turbojpeg::ScalingFactor::ONE,
+    };
     tj.set_scaling_factor(factor)
         .map_err(|e| format!("JPEG scaling: {e}"))?;
     let scaled = header.scaled(factor);
@@ -196,6 +188,37 @@ fn decode_jpeg(
         cmyk_to_rgb(&s.tmp, &mut s.rgb);
     }
     Ok((w as u32, h as u32, ow as u32, oh as u32))
+}
+
+/// The reduced DCT scales worth decoding at: 1/2, 1/4, 1/8 (those of `tj3GetScalingFactors` that are powers of
+/// two), smallest first. libjpeg-turbo has SIMD inverse DCTs only for these (and 8/8); its 3/8, 5/8, 6/8 and 7/8
+/// decodes use plain C IDCTs and are *slower* than a full decode (measured on the 512-1024 px benchmark shards,
+/// CPU ms/image relative to 8/8: 1/8 0.65, 2/8 0.8, 3/8 0.9-1.3, 4/8 0.88, 5/8 1.15-1.8, 6/8 1.2-1.7,
+/// 7/8 1.45-1.6; `cargo run --release --example timing`), so they are never chosen.
+fn downscale_factors() -> &'static [turbojpeg::ScalingFactor] {
+    static F: OnceLock<Vec<turbojpeg::ScalingFactor>> = OnceLock::new();
+    F.get_or_init(|| {
+        let supported = turbojpeg::Decompressor::supported_scaling_factors();
+        [8, 4, 2]
+            .into_iter()
+            .map(|d| turbojpeg::ScalingFactor::new(1, d))
+            .filter(|f| supported.contains(f))
+            .collect()
+    })
+}
+
+/// The smallest of 1/8, 1/4, 1/2 (see [`downscale_factors`]) with `short * f >= 1.25 * r` exactly (not after
+/// libjpeg's rounding up); 1 when none fits. So both scaled sides stay above the torchvision resized size of the
+/// original (the resize never upsamples) and the antialiased bilinear resize still does the last >= 1.25x of
+/// the downscale: a DCT-domain downscale straight to the target size is sharper than Pillow's bilinear filter
+/// (up to ~2 levels mean abs error, ~37 dB on noisy images), with the margin it stays within ~0.8 levels, > 46 dB.
+/// E.g. r = 512: short >= 5120 → 1/8, >= 2560 → 1/4, >= 1280 → 1/2, below 1280 → 1 (full decode).
+pub fn dct_factor(short: u64, r: u64) -> turbojpeg::ScalingFactor {
+    downscale_factors()
+        .iter()
+        .copied()
+        .find(|f| 4 * short * f.num() as u64 >= 5 * r * f.denom() as u64)
+        .unwrap_or(turbojpeg::ScalingFactor::ONE)
 }
 
 fn muldiv255(a: u32, b: u32) -> u32 {

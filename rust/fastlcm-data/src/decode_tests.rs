@@ -223,14 +223,19 @@ fn jpeg_decodes_and_dct_scaling_stays_close() {
         (200, 160, 200, 160)
     );
     assert_eq!(
-        decode_rgb(&data, &mut s, Some(40), MAX_PIXELS).unwrap(),
+        decode_rgb(&data, &mut s, Some(32), MAX_PIXELS).unwrap(),
         (50, 40, 200, 160),
-        "1/4 keeps short side >= 40"
+        "1/4: 40 >= 1.25 * 32"
     );
     assert_eq!(
-        decode_rgb(&data, &mut s, Some(100), MAX_PIXELS).unwrap().0,
+        decode_rgb(&data, &mut s, Some(64), MAX_PIXELS).unwrap(),
+        (100, 80, 200, 160),
+        "1/2: 80 = 1.25 * 64 exactly"
+    );
+    assert_eq!(
+        decode_rgb(&data, &mut s, Some(65), MAX_PIXELS).unwrap().0,
         200,
-        "no scaling when short < 2R"
+        "no scaling when short < 2.5 R"
     );
     let mut rng = Rng::new(0);
     let (mut full, mut scaled) = (Vec::new(), Vec::new());
@@ -254,6 +259,91 @@ fn jpeg_decodes_and_dct_scaling_stays_close() {
         .sum::<f64>()
         / full.len() as f64;
     assert!(mad < 6.0, "mean abs diff {mad}");
+}
+
+#[test]
+fn dct_factor_is_smallest_power_of_two_keeping_margin() {
+    let f = |short, r| {
+        let f = dct_factor(short, r);
+        (f.num(), f.denom())
+    };
+    assert_eq!(
+        f(768, 512),
+        (1, 1),
+        "6/8 would fit but decodes slower than 8/8"
+    );
+    assert_eq!(
+        f(1024, 512),
+        (1, 1),
+        "1/2 would land exactly on R: no bilinear step left"
+    );
+    assert_eq!(f(1279, 512), (1, 1));
+    assert_eq!(f(1280, 512), (1, 2), "1280 / 2 = 640 = 1.25 * 512");
+    assert_eq!(f(2559, 512), (1, 2));
+    assert_eq!(f(2560, 512), (1, 4));
+    assert_eq!(f(5120, 512), (1, 8));
+    assert_eq!(f(100_000, 512), (1, 8), "1/8 is the smallest");
+    assert_eq!(f(512, 512), (1, 1));
+    assert_eq!(f(300, 512), (1, 1), "never upsample");
+    for short in 1..7000u64 {
+        for r in [64u64, 256, 512, 1024] {
+            let fac = dct_factor(short, r);
+            let (n, d) = (fac.num() as u64, fac.denom() as u64);
+            assert!(n == 1 && [1, 2, 4, 8].contains(&d), "{n}/{d}");
+            // Exact scaled short side >= 1.25 R (so >= R even after rounding), and the next power is too small.
+            assert!(
+                d == 1 || 4 * short >= 5 * r * d,
+                "short {short} r {r}: 1/{d} too small"
+            );
+            assert!(
+                d == 8 || 4 * short < 5 * r * d * 2,
+                "short {short} r {r}: 1/{} would fit",
+                d * 2
+            );
+        }
+    }
+}
+
+#[test]
+fn dct_scaled_process_keeps_full_decode_geometry() {
+    // 901x701 at R=280: 1/2 (701 / 2 = 350.5 >= 1.25 * 280) → libjpeg rounds up to 451x351, which is then
+    // resized to the full path's int(280 * 901 / 701) = 359 x 280.
+    let data = jpeg(901, 701);
+    let mut s = Scratch::default();
+    assert_eq!(
+        decode_rgb(&data, &mut s, Some(280), MAX_PIXELS).unwrap(),
+        (451, 351, 901, 701)
+    );
+    for center in [true, false] {
+        let o = DecodeOptions {
+            center_crop: center,
+            ..opts(280)
+        };
+        let (mut full, mut scaled) = (Vec::new(), Vec::new());
+        let p1 = process(&data, &mut Rng::new(7), &o, &mut s, &mut full).unwrap();
+        let p2 = process(
+            &data,
+            &mut Rng::new(7),
+            &DecodeOptions {
+                dct_scaling: true,
+                ..o.clone()
+            },
+            &mut s,
+            &mut scaled,
+        )
+        .unwrap();
+        assert_eq!(p1, p2, "same placement and original size");
+        assert_eq!(full.len(), scaled.len());
+        let mad = full
+            .iter()
+            .zip(&scaled)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .sum::<f64>()
+            / full.len() as f64;
+        // The pattern has hard mod-256 wrap edges (worst case for any rescale); the tight quality bound on
+        // photo-like images is in tests/test_loader_dct.py.
+        assert!(mad < 6.0, "center {center}: mean abs diff {mad}");
+    }
 }
 
 #[test]
