@@ -19,9 +19,10 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand():
     out = _run("--help")
     assert out.returncode == 0, out.stderr
-    for name in ("train", "generate", "demo", "make-shards", "bench"):
+    names = {"train", "generate", "demo", "eval", "make-shards", "bench"}
+    for name in names:
         assert name in out.stdout
-    assert {c[0] for c in COMMANDS} == {"train", "generate", "demo", "make-shards", "bench"}
+    assert {c[0] for c in COMMANDS} == names
 
 
 def test_version_reports_package_and_native_core():

@@ -16,6 +16,7 @@ COMMANDS: list[tuple[str, str, str, int]] = [
     ("train", "fastlcm.train", "distill a teacher into a Latent Consistency Model (full UNet or LoRA)", 4),
     ("generate", "fastlcm.generate", "sample images from a distilled UNet or LCM-LoRA in 1-8 steps", 7),
     ("demo", "fastlcm.demo", "run the whole product on the embedded tiny default, no downloads", 7),
+    ("eval", "fastlcm.evaluate", "distillation quality: few-step samplers vs the teacher's 50-step DDIM", 7),
     ("make-shards", "fastlcm.data.make_shards", "write WebDataset shards from an image folder or synthetic images", 3),
     ("bench", "fastlcm.bench", "benchmarks: loader, kernels, step", 3),
 ]

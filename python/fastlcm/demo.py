@@ -1,52 +1,116 @@
-"""`fastlcm demo`: run what fastlcm can do today on an embedded tiny default, with no downloads.
+"""`fastlcm demo`: the whole product on the embedded tiny default, on a CPU, with no downloads.
 
-Today it builds a tiny random-weight teacher and tiny WebDataset shards, loads the teacher into the stock
-diffusers pipeline and samples from it. Issue 7 replaces this with distilling a shipped trained teacher.
+1. writes WebDataset shards of the procedural captioned image set (``fastlcm.procedural``);
+2. distills the shipped tiny teacher (``fastlcm/assets/tiny_teacher``) with the real trainer (``fastlcm train``'s
+   code path) fed by the Rust ShardLoader;
+3. evaluates (``fastlcm eval``'s code path): every sampler's distance to the teacher's 50-step DDIM output and its
+   caption accuracy, for the teacher's DDIM, the student before distillation and the distilled student;
+4. prints the table and writes ``report.json`` and ``grid.png`` (rows: teacher 50-step DDIM, teacher DDIM 4,
+   student 4, 2, 1 steps; same prompts and noise).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("fastlcm-demo"), help="output folder (default ./fastlcm-demo)")
-    parser.add_argument("--steps", type=int, default=2, help="sampling steps for the teacher check (default 2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, shards and noise")
+    parser.add_argument("--steps", type=int, default=600, help="distillation steps (default 600: a few CPU minutes)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
+    parser.add_argument("--learning-rate", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    parser.add_argument("--num-samples", type=int, default=4096, help="procedural images written as shards (4096)")
+    parser.add_argument("--num-prompts", type=int, default=30, help="prompts in the evaluation (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, training and evaluation noise")
+
+
+def _train_config(args: argparse.Namespace, shards: str, teacher: Path, out: Path):
+    from fastlcm.config import TrainConfig
+
+    cfg = TrainConfig(
+        pretrained_teacher_model=str(teacher),
+        train_shards_path_or_url=shards,
+        output_dir=str(out / "train"),
+        resolution=64,
+        train_batch_size=args.batch_size,
+        max_train_steps=args.steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler="constant",
+        loss_type="huber",
+        w_min=3.0,  # covers the evaluation's w = guidance − 1 = 6
+        w_max=10.0,
+        seed=args.seed,
+        checkpointing_steps=max(args.steps, 1),  # one checkpoint at the end: the run can be resumed and extended
+        validation_steps=10**9,  # the evaluation below replaces validation grids
+        report_to="none",
+        dataloader_num_workers=1,
+    )
+    cfg.validate()
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
-    from PIL import Image
 
-    from fastlcm.testing import load_tiny_pipeline, make_tiny_shards, make_tiny_teacher
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--num-samples", args.num_samples),
+                        ("--num-prompts", args.num_prompts)):
+        if value < 1:
+            raise SystemExit(f"fastlcm demo: {flag} must be >= 1, got {value}")
+    if args.num_samples < args.batch_size:
+        raise SystemExit(f"fastlcm demo: --num-samples ({args.num_samples}) must be >= --batch-size ({args.batch_size})")
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        # Tiny models: one thread avoids oversubscription (much faster on small or shared CPUs).
+        torch.set_num_threads(1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
 
-    if args.steps < 1:
-        raise SystemExit("fastlcm demo: --steps must be >= 1")
+
+def _run(args: argparse.Namespace) -> int:
+    from fastlcm.evaluate import EvalConfig, Teacher, evaluate, format_table, student_from_teacher
+    from fastlcm.procedural import TINY_TEACHER, write_procedural_shards
+    from fastlcm.train import train
+
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    teacher = make_tiny_teacher(out / "teacher", seed=args.seed)
-    shards = make_tiny_shards(out / "shards", num_samples=32, samples_per_shard=16, seed=args.seed)
-    pipe = load_tiny_pipeline(teacher)
-    pipe.set_progress_bar_config(disable=True)
-    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
-    images = pipe(
-        prompts,
-        num_inference_steps=args.steps,
-        height=64,
-        width=64,
-        output_type="np",
-        generator=torch.Generator().manual_seed(args.seed),
-    ).images
-    grid = (np.concatenate(list(images), axis=1) * 255).round().astype(np.uint8)
-    Image.fromarray(grid).save(out / "teacher_samples.png")
-    print(f"fastlcm demo ({time.perf_counter() - t0:.1f} s)")
-    print(f"  tiny teacher (random weights, diffusers layout): {teacher}")
-    print(f"  shards: {len(shards)} × 16 captioned images in {out / 'shards'}")
-    print(f"  {args.steps}-step samples from the stock diffusers pipeline: {out / 'teacher_samples.png'}")
-    print("  distillation of a shipped trained teacher joins this demo with issue 7")
+
+    print(f"[1/3] writing {args.num_samples} procedural captioned images as shards …", flush=True)
+    paths = write_procedural_shards(out / "shards", args.num_samples, samples_per_shard=512, seed=args.seed)
+    spec = str(out / "shards" / f"procedural-{{00000..{len(paths) - 1:05d}}}.tar")
+
+    print(f"[2/3] distilling the tiny teacher for {args.steps} steps (Rust loader → LCD trainer) …", flush=True)
+    cfg = _train_config(args, spec, TINY_TEACHER, out)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    summary = train(cfg)
+    t_train = time.perf_counter() - t0
+    student_dir = Path(cfg.output_dir) / "unet_target"
+
+    print(f"[3/3] evaluating against the teacher's 50-step DDIM ({args.num_prompts} prompts) …", flush=True)
+    teacher = Teacher(TINY_TEACHER)
+    before = student_from_teacher(teacher.unet)
+    eval_cfg = EvalConfig(num_prompts=args.num_prompts, seed=args.seed,
+                          extra={"train_steps": args.steps, "train_s": round(t_train, 1), "student": "EMA target"})
+    baseline = evaluate(teacher, student_unet=before, config=eval_cfg)
+    report = evaluate(teacher, student=student_dir, out_dir=out, config=eval_cfg)
+    for k in eval_cfg.steps:
+        report[f"undistilled_student_{k}"] = baseline[f"student_{k}"]
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    print()
+    print(format_table(report))
+    print()
+    print(f"fastlcm demo finished in {time.perf_counter() - t0:.0f} s (training {t_train:.0f} s, "
+          f"last loss {summary.get('last_loss', float('nan')):.4g})")
+    print(f"  distilled UNet (EMA target): {student_dir}   online student: {Path(cfg.output_dir) / 'unet'}")
+    print(f"  grid (rows: teacher DDIM 50, teacher DDIM 4, student 4, 2, 1 steps): {out / 'grid.png'}")
+    print(f"  report: {out / 'report.json'}   (undistilled_student_* = the teacher as an LCM before training)")
+    print(f"  sample yourself: fastlcm generate --unet {student_dir} --prompt \"a red circle at the top left on a "
+          "black background\" --steps 4 --out sample.png")
     return 0
