@@ -25,3 +25,14 @@ def tiny_teacher_factory(tmp_path_factory):
 @pytest.fixture
 def tiny_sd_teacher(tiny_teacher_factory):
     return tiny_teacher_factory("sd", "epsilon")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module single-threaded: tiny models on a small shared CPU are far faster without spinning workers."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -13,12 +13,7 @@ from fastlcm import demo_teacher
 from fastlcm.procedural import ASSETS, TINY_TEACHER
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_smoke_run_saves_a_loadable_pipeline_and_classifier(tmp_path):

@@ -16,13 +16,7 @@ from fastlcm import evaluate as ev
 from fastlcm.procedural import TINY_TEACHER
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared CPU run far faster single-threaded (no spinning OpenMP workers).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from fastlcm.procedural import TINY_TEACHER
 PROMPT = "a red circle at the top left on a black background"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _student_dir(teacher, out, dim=32):

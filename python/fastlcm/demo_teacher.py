@@ -123,20 +123,10 @@ def build_models(cfg: TeacherConfig, tokenizer):
 
 
 def make_scheduler():
-    """The teacher's DDIM scheduler (SD1.5 settings: scaled_linear 0.00085→0.012, 1000 steps, epsilon)."""
-    from diffusers import DDIMScheduler
+    """The teacher's DDIM scheduler (SD1.5 settings, epsilon prediction)."""
+    from fastlcm.testing import ddim_scheduler
 
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-    )
+    return ddim_scheduler("epsilon")
 
 
 class _Progress:

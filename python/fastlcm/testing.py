@@ -188,7 +188,8 @@ def _tiny_unet(spec: TinyTeacherSpec, cross_attention_dim: int, sdxl: bool):
     return UNet2DConditionModel(**kwargs)
 
 
-def _scheduler(prediction_type: str):
+def ddim_scheduler(prediction_type: str = "epsilon"):
+    """SD1.5's DDIM scheduler settings (scaled_linear 0.00085→0.012, 1000 train steps) for a prediction type."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -231,7 +232,7 @@ def make_tiny_teacher(out_dir: str | os.PathLike, spec: TinyTeacherSpec | None =
         eos=tok.convert_tokens_to_ids(EOS_TOKEN),
         pad=tok.pad_token_id,
     )
-    scheduler = _scheduler(spec.prediction_type)
+    scheduler = ddim_scheduler(spec.prediction_type)
 
     if spec.family == "sd":
         from diffusers import StableDiffusionPipeline
