@@ -249,6 +249,13 @@ def test_exported_lora_loads_in_stock_pipeline_and_changes_output(lora_run, tiny
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(z, t, encoder_hidden_states=c).sample,
                                    student(z, t, encoder_hidden_states=c).sample, rtol=1e-5, atol=1e-5)
+    # `fastlcm generate --lora` takes the export as it is
+    from fastlcm.cli import main
+
+    png = out / "generated.png"
+    assert main(["generate", "--teacher", str(tiny_sd_teacher), "--lora", str(out), "--prompt", "a red circle",
+                 "--steps", "2", "--height", "64", "--width", "64", "--out", str(png)]) == 0
+    assert png.stat().st_size > 0
     # the PEFT adapter folder loads with peft itself
     from peft import PeftModel
 

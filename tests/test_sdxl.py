@@ -164,6 +164,17 @@ def _render(pipe, guidance):
                 generator=torch.Generator().manual_seed(0), output_type="np").images
 
 
+def _generate(teacher, out_png, *flags):
+    """`fastlcm generate` on a real export: exit 0 and a 64×64 RGB image."""
+    from PIL import Image
+
+    from fastlcm.cli import main
+
+    assert main(["generate", "--teacher", str(teacher), *flags, "--prompt", "a red circle", "--steps", "2",
+                 "--height", "64", "--width", "64", "--out", str(out_png)]) == 0
+    assert Image.open(out_png).size == (64, 64)
+
+
 def test_cli_full_sdxl_distillation_exports_a_unet_that_generates(sdxl_teacher, shard_dir, tmp_path, monkeypatch):
     _needs_loader()
     monkeypatch.setenv("FASTLCM_KERNELS", "torch")
@@ -182,6 +193,7 @@ def test_cli_full_sdxl_distillation_exports_a_unet_that_generates(sdxl_teacher, 
     img = _render(_xl_pipe(sdxl_teacher, unet=unet), 8.0)
     assert img.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(img)).all())
     assert float(img.std()) > 0
+    _generate(sdxl_teacher, tmp_path / "full.png", "--unet", str(out / "unet"))
 
 
 def test_cli_sdxl_lora_exports_weights_that_load_in_stock_pipeline(sdxl_teacher, shard_dir, tmp_path, monkeypatch):
@@ -203,6 +215,7 @@ def test_cli_sdxl_lora_exports_weights_that_load_in_stock_pipeline(sdxl_teacher,
     assert float(abs(after - before).max()) > 1e-4
     lora_keys = [n for n, _ in pipe.unet.named_parameters() if "lora_" in n]
     assert any("attn1.to_q" in n for n in lora_keys) and any("time_emb_proj" in n for n in lora_keys)
+    _generate(sdxl_teacher, tmp_path / "lora.png", "--lora", str(out))
 
 
 def test_sdxl_and_lora_presets_parse(sdxl_teacher, shard_dir):
