@@ -224,7 +224,7 @@ def train(cfg: TrainConfig, loader_factory=None) -> dict:
     metrics = open(out / "metrics.jsonl", "a") if main else None
     keys_log = open(out / f"keys-rank{rank}.jsonl", "a") if cfg.debug_log_keys else None
     bar = tqdm(total=max_steps, initial=step, disable=not main, desc="distill", unit="step", dynamic_ncols=True)
-    loss_sum, micro, last_loss, t0, samples_t0 = 0.0, 0, float("nan"), time.perf_counter(), 0
+    loss_sum, micro, last_loss, t0 = 0.0, 0, float("nan"), time.perf_counter()
     finished = max_steps is not None and step >= max_steps
     it = iter(loader)
     while not finished:

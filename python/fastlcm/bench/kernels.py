@@ -15,11 +15,11 @@ import argparse
 import csv
 import datetime as _dt
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fastlcm.bench.loader import git_commit
 
 OPS = ("loss", "boundary", "boundary_fwd", "solver")
 IDEAL_BYTES = {
@@ -67,18 +67,6 @@ def parse_size(spec: str) -> tuple[int, ...]:
     if len(dims) < 2 or not all(d.isdigit() and int(d) > 0 for d in dims):
         raise ValueError(f"--sizes: {spec!r} is not sd15:B, sdxl:B or BxCxHxW")
     return tuple(int(d) for d in dims)
-
-
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10)  # fmt: skip
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class Timer:
@@ -240,7 +228,7 @@ def run(args) -> int:
     copy_gbps = copy_bandwidth(device, min(args.copy_mib, 16) if smoke else args.copy_mib, timer)
     import triton
 
-    meta = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": _commit(),
+    meta = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": git_commit(),
             "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}  # fmt: skip
     rows, failed = [], False
     with kernels.forced_kernels("triton"):

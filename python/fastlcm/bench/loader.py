@@ -74,6 +74,9 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
+    """Short commit of the source tree (+dirty); ``$FASTLCM_COMMIT`` wins (an installed wheel has no .git)."""
+    if os.environ.get("FASTLCM_COMMIT"):
+        return os.environ["FASTLCM_COMMIT"]
     root = Path(__file__).resolve().parents[3]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# One prepared run for a GPU machine (issue 8): gpu tests, kernel / step / loader benchmarks, one table at the end.
+# Sized for < 8 minutes; every stage has its own `timeout`, and the whole run a budget (GPU_CHECK_BUDGET_S, 470 s).
+#
+# ---- Usage (from the repo root of a checkout WITH a Rust toolchain, i.e. the dev machine) --------------------------
+#   # 1. wheels the GPU image lacks (it has torch 2.11, triton, transformers, accelerate, peft; not diffusers,
+#   #    webdataset, braceexpand). .whl/ is git-ignored (.gitignore), so only `carry` takes it along:
+#   rm -rf .whl && mkdir .whl
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl diffusers==0.42.1 webdataset==1.0.2 braceexpand==0.1.7
+#   # 2. the fastlcm wheel (abi3, so the cp311 build here runs on the image's Python 3.12), and the commit it is of:
+#   maturin build --release --out .whl          # (pip wheel . --no-deps -w .whl does the same through pip)
+#   git rev-parse --short HEAD > .whl/COMMIT; git diff --quiet HEAD || echo "$(cat .whl/COMMIT)+dirty" > .whl/COMMIT
+#   ls -la .whl    # fastlcm-0.1.0-cp311-abi3-manylinux_2_34_x86_64.whl (8 MB), diffusers (6 MB), webdataset, braceexpand
+#   # 3. the device tool (no kind: an H100 or H200; the card's name is in the output and every CSV row):
+#   #    run(command="bash benches/gpu_check.sh", carry=[".whl"], timeout_s=560)
+#   #    It returns up to 8 files from $OUT: summary.txt, log.txt, step.csv, kernels.csv, loader.csv, results.tar.gz
+#   #    (every JSON, stderr and the pytest log). Append the CSV rows to benches/results/{step,kernels,loader}.csv.
+#   #    Then give_back unless you rerun at once.
+# Outside the device tool $OUT is unset: the files go to ./gpu_check_out instead.
+# Stages can be skipped with GPU_CHECK_SKIP="tests kernels step_bf16 step_fp16 loader" (any subset).
+# GPU_CHECK_SMOKE=1 runs the same stages on a CPU at toy sizes (tiny teacher, 24 images; tests only collected), to
+# check the script itself before spending device time: GPU_CHECK_SMOKE=1 bash benches/gpu_check.sh  (~30 s)
+# ---------------------------------------------------------------------------------------------------------------------
+set -u
+START=$SECONDS
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+OUT=${OUT:-$PWD/gpu_check_out}
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+
+echo "== gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "pip install of .whl/*.whl failed"; exit 1; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+    echo "no .whl/ folder: using whatever fastlcm/diffusers this python already has"
+fi
+export FASTLCM_COMMIT=${FASTLCM_COMMIT:-$(cat .whl/COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$WORK/nvidia-smi.txt"
+$PY - <<'EOF' | tee "$WORK/versions.txt"
+import importlib, sys
+print("python", sys.version.split()[0])
+for name in ("torch", "triton", "diffusers", "transformers", "accelerate", "peft", "webdataset", "fastlcm"):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, "__version__", "?"), getattr(m, "__file__", ""))
+    except Exception as e:  # noqa: BLE001
+        print(name, "MISSING:", e)
+import torch
+print("cuda available:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+EOF
+
+if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
+    TESTS_MODE="--collect-only"; export OMP_NUM_THREADS=1
+    KERNELS_ARGS="--device cpu --sizes 2x4x8x8 --warmup 1 --iters 2"
+    STEP_ARGS="--family tiny --batch-size 2 --steps 2 --warmup 1 --parts-steps 1 --device cpu"
+    FP16="no"
+    LOADER_ARGS="--synthetic 24 --threads 2 --seconds 1 --decode-images 4 --min-size 128 --max-size 192 --resolution 128"
+else
+    TESTS_MODE="--timeout 90"
+    KERNELS_ARGS="--warmup 10 --iters 100"
+    STEP_ARGS="--family sd15 --batch-size 12 --resolution 512 --steps 20"
+    FP16="fp16 --gradient-checkpointing"
+    LOADER_ARGS="--synthetic 256 --threads 16 --seconds 8"
+fi
+
+declare -A RC SECS
+ORDER=()
+# stage NAME CAP_S CMD... : run with a time cap (shrunk to what is left of the budget), stdout/stderr to $WORK
+stage() {
+    local name=$1 cap=$2; shift 2
+    ORDER+=("$name")
+    case " ${GPU_CHECK_SKIP:-} " in *" $name "*) RC[$name]=skip; SECS[$name]=0; echo "== $name: skipped"; return;; esac
+    local left=$((BUDGET - (SECONDS - START)))
+    [ "$cap" -gt "$left" ] && cap=$left
+    if [ "$cap" -lt 20 ]; then RC[$name]="no time"; SECS[$name]=0; echo "== $name: skipped, budget spent"; return; fi
+    echo "== $name (cap ${cap}s): $*"
+    local t0=$SECONDS
+    timeout -k 10 "$cap" "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"
+    RC[$name]=$?
+    SECS[$name]=$((SECONDS - t0))
+    [ "${RC[$name]}" = 124 ] && RC[$name]="124 (timeout)"
+    tail -n 5 "$WORK/$name.err"
+    echo "== $name: rc ${RC[$name]}, ${SECS[$name]} s"
+}
+
+stage tests 100 $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
+    tests/test_kernels.py tests/test_kernels_gpu.py tests/test_train_gpu.py
+cp "$WORK/tests.out" "$WORK/pytest.txt" 2>/dev/null; tail -n 3 "$WORK/tests.out" 2>/dev/null
+stage kernels 60 $PY -m fastlcm bench kernels --no-compile --json --record "$OUT/kernels.csv" $KERNELS_ARGS
+# shellcheck disable=SC2086  # the *_ARGS strings are word-split on purpose
+stage step_bf16 120 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision bf16 --json --out-csv "$OUT/step.csv"
+stage step_fp16 120 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision $FP16 --json --out-csv "$OUT/step.csv"
+stage loader 70 $PY -m fastlcm bench loader $LOADER_ARGS --vs-webdataset --json --out-csv "$OUT/loader.csv"
+
+# ---- one table ----
+{
+    echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $FASTLCM_COMMIT, $(head -n1 "$WORK/nvidia-smi.txt"), total $((SECONDS - START)) s"
+    for name in "${ORDER[@]}"; do printf '%-10s rc %-14s %4s s\n' "$name" "${RC[$name]}" "${SECS[$name]}"; done
+    WORK=$WORK $PY - <<'EOF'
+import json, os
+w = os.environ["WORK"]
+def load(name):
+    try:
+        text = open(os.path.join(w, name + ".out")).read().strip()
+        return json.loads(text[text.index("{"):]) if text else None
+    except (OSError, ValueError):
+        return None
+try:
+    lines = [l for l in open(os.path.join(w, "tests.out")).read().splitlines() if l.strip()]
+    print("tests:", lines[-1] if lines else "(no output)")
+except OSError:
+    print("tests: (not run)")
+k = load("kernels")
+if k:
+    rows = [r for r in k["rows"] if r["impl"] == "triton"]
+    bad = [r for r in rows if r["check"] != "ok"]
+    print(f"kernels: copy {k['copy_gbps']:.0f} GB/s; {len(rows)} triton cases, {len(bad)} mismatches; "
+          "triton %copy-bw min/median/max: " + "/".join(
+              f"{v:.0f}" for v in (lambda s: (s[0], s[len(s) // 2], s[-1]))(sorted(r["pct_copy_bw"] for r in rows))))
+print(f"{'step':<34}{'samples/s':>10}{'step s':>9}{'peak GiB':>10}  parts (s, instrumented: vae/text/teacher/target/student/opt/loader)")
+for name in ("step_bf16", "step_fp16"):
+    s = load(name)
+    if not s:
+        print(f"{name:<34}(failed: see {name}.err in results.tar.gz)")
+        continue
+    c, p = s["config"], s["parts"]
+    label = f"{c['family']} b{c['batch_size']} {c['resolution']} {c['mixed_precision']}" + ("+ckpt" if c["gradient_checkpointing"] else "")
+    parts = "/".join(f"{p.get(x, 0):.3f}" for x in ("vae_encode", "text_encode", "teacher_forward", "target_forward",
+                                                    "student_forward_backward", "optimizer", "loader_wait"))
+    print(f"{label:<34}{s['samples_per_s']:>10.1f}{s['step_s']:>9.3f}{s['peak_mem_gib'] or 0:>10.1f}  {parts}")
+    ref = s["reference"]["matching"]
+    if ref:
+        r = s["reference"]["runs"][ref]
+        print(f"{'  reference H200 ' + ref:<34}{r['samples_per_s']:>10.1f}{r['step_s']:>9.3f}{r['peak_mem_gib']:>10.1f}"
+              f"  speed-up {r['step_s'] / s['step_s']:.2f}x (a like-for-like ratio only on an H200)")
+l = load("loader")
+if l:
+    print(f"loader: fastlcm {l['fastlcm_images_per_s']} img/s vs webdataset {l['webdataset_images_per_s']} img/s "
+          f"({l['ratio']}x), {l['threads']} threads, {l['cpu']}")
+EOF
+} | tee "$OUT/summary.txt"
+
+tar -czf "$OUT/results.tar.gz" -C "$WORK" . && rm -rf "$WORK"
+ls -la "$OUT"
+sleep 1  # let tee finish log.txt before the files are collected

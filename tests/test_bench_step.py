@@ -1,0 +1,109 @@
+"""`fastlcm bench step` on CPU with the tiny teacher (the code path the GPU run takes), and gpu_check.sh syntax."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fastlcm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"samples_per_s", "step_s", "peak_mem_gib", "parts", "gpu", "config"}
+PARTS = {"loader_wait", "vae_encode", "text_encode", "teacher_forward", "target_forward", "student_forward_backward",
+         "optimizer", "ema", "other"}  # fmt: skip
+
+
+def _bench(capsys, *extra) -> dict:
+    argv = ["bench", "step", "--steps", "2", "--warmup", "1", "--parts-steps", "1", "--batch-size", "2",
+            "--mixed-precision", "no", "--device", "cpu", "--json", *extra]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _check(out: dict, batch_size: int = 2) -> None:
+    assert KEYS <= out.keys()
+    assert set(out["parts"]) == PARTS
+    assert all(v >= 0 for v in out["parts"].values()), out["parts"]
+    assert out["step_s"] > 0 and out["samples_per_s"] == pytest.approx(batch_size / out["step_s"])
+    assert out["peak_mem_gib"] is None  # CPU: no CUDA allocator to read
+    assert out["gpu"].startswith("cpu")
+    # "other" is the instrumented step minus the named parts, clamped at 0: the named parts must not exceed the
+    # step they were measured in (a part timed twice would), and together they account for all of it
+    named = sum(v for k, v in out["parts"].items() if k != "other")
+    assert named <= out["instrumented_step_s"] * 1.01 + 1e-3
+    assert sum(out["parts"].values()) == pytest.approx(out["instrumented_step_s"], rel=0.01, abs=1e-3)
+    # the instrumented step runs the same work as a timed one, plus synchronizations (no-ops on CPU)
+    assert out["instrumented_step_s"] < 3 * out["step_s"] + 0.5
+    assert out["nonfinite_losses"] == 0
+
+
+def test_bench_step_tiny_rust_loader(capsys, tmp_path, one_torch_thread):
+    csv_path = tmp_path / "step.csv"
+    out = _bench(capsys, "--family", "tiny", "--out-csv", str(csv_path))
+    _check(out)
+    assert out["config"]["input"] == "rust loader" and out["config"]["resolution"] == 64
+    assert out["loader_stats"]["batches_yielded"] >= 4  # warmup 1 + timed 2 + instrumented 1
+    assert out["parts"]["vae_encode"] > 0 and out["parts"]["student_forward_backward"] > 0
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 1 and rows[0]["family"] == "tiny" and float(rows[0]["step_s"]) == pytest.approx(out["step_s"], rel=1e-4)
+    assert rows[0]["commit"] and rows[0]["date"] and rows[0]["gpu"].startswith("cpu")
+
+
+def test_bench_step_synthetic_input_local_teacher(capsys, tiny_teacher_factory, one_torch_thread):
+    teacher = tiny_teacher_factory("sdxl", "epsilon")  # the SDXL path: two encoders, time ids from the fixed batch
+    out = _bench(capsys, "--teacher", str(teacher), "--synthetic-input")
+    _check(out)
+    assert out["config"]["input"].startswith("synthetic") and out["loader_stats"] is None
+    assert out["config"]["resolution"] == 64  # 8 × the tiny UNet's sample_size
+
+
+def test_bench_step_rejects_bad_flags(capsys, tmp_path):
+    assert main(["bench", "step", "--steps", "0", "--device", "cpu"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "step", "--teacher", str(tmp_path), "--device", "cpu"]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_script_parses():
+    script = ROOT / "benches" / "gpu_check.sh"
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    text = script.read_text()
+    for needle in ("pip install", "--no-index", "bench step", "bench kernels", "bench loader", "$OUT", "timeout"):
+        assert needle in text, needle
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_random_teacher_has_the_published_architecture(family, tmp_path):
+    """Built on the meta device (no memory, no init cost). Golden parameter counts are those of the published
+    checkpoints: SD1.5 UNet 859,520,964 and SDXL UNet 2,567,463,684; SD VAE 83,653,863; CLIP ViT-L text
+    123,060,480 and OpenCLIP bigG text + projection 694,659,840, each less (49408 − V) × hidden for the local
+    tokenizer's V-token vocabulary instead of CLIP's 49,408."""
+    import torch
+
+    from fastlcm.bench.step import build_random_teacher
+
+    with torch.device("meta"):
+        teacher = build_random_teacher(family, tmp_path)
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    vocab = teacher.text_encoder.config.vocab_size
+    assert vocab == len(teacher.tokenizer)
+    assert count(teacher.unet) == {"sd15": 859_520_964, "sdxl": 2_567_463_684}[family]
+    assert count(teacher.vae) == 83_653_863
+    assert count(teacher.text_encoder) == 123_060_480 - (49408 - vocab) * 768
+    if family == "sdxl":
+        assert teacher.family == "sdxl" and teacher.unet.config.addition_time_embed_dim == 256
+        assert count(teacher.text_encoder_2) == 694_659_840 - (49408 - len(teacher.tokenizer_2)) * 1280
+    else:
+        assert teacher.family == "sd" and teacher.text_encoder_2 is None
+    assert all(not p.requires_grad for p in teacher.unet.parameters())  # frozen like models.load_teacher leaves it
