@@ -224,15 +224,17 @@ def make_synthetic(args) -> tuple[str, Path]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _append_csv(path: str, row: dict) -> None:
+def append_csv(path: str, row: dict, columns=None) -> None:
+    """Append ``row`` to the CSV at ``path`` (header written when the file is new); missing values stay empty."""
+    columns = columns or CSV_COLUMNS
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     new = not p.exists() or p.stat().st_size == 0
     with p.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
 
 
 def _r(x, nd=2):
@@ -291,7 +293,7 @@ def run(args) -> int:
     argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "loader"] else sys.argv[1:]
     result["command"] = "fastlcm bench loader " + shlex.join(argv)
     if args.out_csv:
-        _append_csv(args.out_csv, result)
+        append_csv(args.out_csv, result)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -500,25 +500,14 @@ def run(args) -> int:
                                                 "warmup_s", "setup_s", "command")},
                **{f"part_{k}": v for k, v in result["parts"].items()}, "gpu": gpu}  # fmt: skip
         row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-        _append_csv_row(args.out_csv, row)
+        from fastlcm.bench.loader import append_csv
+
+        append_csv(args.out_csv, row, CSV_COLUMNS)
     if args.json:
         print(json.dumps(out))
         return 0
     print_report(out, ref_key)
     return 0
-
-
-def _append_csv_row(path: str, row: dict) -> None:
-    import csv
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    new = not p.exists() or p.stat().st_size == 0
-    with p.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
 
 
 def print_report(out: dict, ref_key: str | None) -> None:
