@@ -12,14 +12,12 @@ Sizes: ``sd15:B`` = B×4×64×64 (512 px), ``sdxl:B`` = B×4×128×128 (1024 px)
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import json
 import sys
 import time
-from pathlib import Path
 
-from fastlcm.bench.loader import git_commit
+from fastlcm.bench.loader import append_csv, git_commit
 
 OPS = ("loss", "boundary", "boundary_fwd", "solver")
 IDEAL_BYTES = {
@@ -262,16 +260,9 @@ def run(args) -> int:
     if smoke:
         print("(CPU smoke test: timings are meaningless and nothing is recorded)", file=sys.stderr)
     elif not args.no_record:
-        path = Path(args.record)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists() or path.stat().st_size == 0
-        with path.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            for r in rows:
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-        print(f"appended {len(rows)} rows to {path}", file=sys.stderr)
+        formatted = [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+        append_csv(args.record, formatted, CSV_FIELDS)
+        print(f"appended {len(rows)} rows to {args.record}", file=sys.stderr)
     if failed:
         print("fastlcm bench kernels: a Triton result did not match eager (see the check column)", file=sys.stderr)
         return 1

@@ -224,9 +224,8 @@ def make_synthetic(args) -> tuple[str, Path]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def append_csv(path: str, row: dict, columns=None) -> None:
-    """Append ``row`` to the CSV at ``path`` (header written when the file is new); missing values stay empty."""
-    columns = columns or CSV_COLUMNS
+def append_csv(path: str, rows: list[dict], columns: list[str]) -> None:
+    """Append ``rows`` to the CSV at ``path`` (header written when the file is new); None/missing stay empty."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     new = not p.exists() or p.stat().st_size == 0
@@ -234,7 +233,7 @@ def append_csv(path: str, row: dict, columns=None) -> None:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+        writer.writerows(rows)
 
 
 def _r(x, nd=2):
@@ -293,7 +292,7 @@ def run(args) -> int:
     argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "loader"] else sys.argv[1:]
     result["command"] = "fastlcm bench loader " + shlex.join(argv)
     if args.out_csv:
-        append_csv(args.out_csv, result)
+        append_csv(args.out_csv, [result], CSV_COLUMNS)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -502,7 +502,7 @@ def run(args) -> int:
         row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
         from fastlcm.bench.loader import append_csv
 
-        append_csv(args.out_csv, row, CSV_COLUMNS)
+        append_csv(args.out_csv, [row], CSV_COLUMNS)
     if args.json:
         print(json.dumps(out))
         return 0

@@ -173,17 +173,7 @@ impl<R: Read> TarReader<R> {
             let stored = parse_octal(&h[148..156]).ok_or_else(|| {
                 self.tar_err(header_at, None, false, "unreadable header checksum")
             })?;
-            let computed: u64 = h
-                .iter()
-                .enumerate()
-                .map(|(i, &b)| {
-                    if (148..156).contains(&i) {
-                        32
-                    } else {
-                        b as u64
-                    }
-                })
-                .sum();
+            let computed = header_checksum(&h);
             if stored != computed {
                 return Err(self.tar_err(header_at, None, false, format!("header checksum mismatch (stored {stored}, computed {computed}); not a tar stream?")));
             }
@@ -256,6 +246,20 @@ fn header_name(h: &[u8; BLOCK]) -> String {
         }
     }
     name
+}
+
+/// ustar header checksum: the byte sum with the checksum field (148..156) counted as spaces.
+fn header_checksum(h: &[u8; BLOCK]) -> u64 {
+    h.iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                b as u64
+            }
+        })
+        .sum()
 }
 
 fn parse_octal(f: &[u8]) -> Option<u64> {
@@ -334,17 +338,7 @@ pub mod build {
         h[156] = kind;
         h[257..263].copy_from_slice(b"ustar\0");
         h[263..265].copy_from_slice(b"00");
-        let sum: u64 = h
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| {
-                if (148..156).contains(&i) {
-                    32
-                } else {
-                    b as u64
-                }
-            })
-            .sum();
+        let sum = super::header_checksum(&h);
         h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
         h[155] = b' ';
         h
