@@ -19,7 +19,8 @@
 #   #    (every JSON, stderr and the pytest log). Append the CSV rows to benches/results/{step,kernels,loader}.csv.
 #   #    Then give_back unless you rerun at once.
 # Outside the device tool $OUT is unset: the files go to ./gpu_check_out instead.
-# Stages can be skipped with GPU_CHECK_SKIP="tests kernels step_bf16 step_fp16 loader" (any subset).
+# Stages: GPU_CHECK_STAGES (default "tests kernels kernels_compile step_matrix loader"; also step_bf16 step_fp16);
+# the step matrix's lever sets: GPU_CHECK_MATRIX (comma list, see `fastlcm bench step --help`).
 # GPU_CHECK_SMOKE=1 runs the same stages on a CPU at toy sizes (tiny teacher, 24 images; tests only collected), to
 # check the script itself before spending device time: GPU_CHECK_SMOKE=1 bash benches/gpu_check.sh  (~30 s)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -56,18 +57,23 @@ import torch
 print("cuda available:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
 
+STAGES=${GPU_CHECK_STAGES:-tests kernels kernels_compile step_matrix loader}
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     TESTS_MODE="--collect-only"; export OMP_NUM_THREADS=1
-    KERNELS_ARGS="--device cpu --sizes 2x4x8x8 --warmup 1 --iters 2"
+    KERNELS_ARGS="--device cpu --sizes 2x4x8x8 --warmup 1 --iters 2"; KCOMPILE_SIZES="2x4x8x8"
     STEP_ARGS="--family tiny --batch-size 2 --steps 2 --warmup 1 --parts-steps 1 --device cpu"
+    MATRIX_ARGS="--family tiny --batch-size 2 --steps 2 --warmup 1 --parts-steps 0 --device cpu"
+    MATRIX_SETS=${GPU_CHECK_MATRIX:-reference-bf16,+fused-adam}
     FP16="no"
     LOADER_ARGS="--synthetic 24 --threads 2 --seconds 1 --decode-images 4 --min-size 128 --max-size 192 --resolution 128"
 else
     TESTS_MODE="--timeout 90"
-    KERNELS_ARGS="--warmup 10 --iters 100"
+    KERNELS_ARGS="--warmup 10 --iters 100"; KCOMPILE_SIZES="sd15:12,sdxl:12"
     STEP_ARGS="--family sd15 --batch-size 12 --resolution 512 --steps 20"
+    MATRIX_ARGS="--family sd15 --batch-size 12 --resolution 512 --steps 15 --warmup 4 --parts-steps 3"
+    MATRIX_SETS=${GPU_CHECK_MATRIX:-reference-bf16,reference-fp16-ckpt,+fused-adam,+uint8-prefetch,+channels-last,+latents,+compile}
     FP16="fp16 --gradient-checkpointing"
-    LOADER_ARGS="--synthetic 256 --threads 16 --seconds 8"
+    LOADER_ARGS="--synthetic 256 --threads 16 --seconds 8 --decode-images 96"
 fi
 
 declare -A RC SECS
@@ -76,7 +82,7 @@ ORDER=()
 stage() {
     local name=$1 cap=$2; shift 2
     ORDER+=("$name")
-    case " ${GPU_CHECK_SKIP:-} " in *" $name "*) RC[$name]=skip; SECS[$name]=0; echo "== $name: skipped"; return;; esac
+    case " $STAGES " in *" $name "*) ;; *) RC[$name]=skip; SECS[$name]=0; echo "== $name: not in GPU_CHECK_STAGES"; return;; esac
     local left=$((BUDGET - (SECONDS - START)))
     [ "$cap" -gt "$left" ] && cap=$left
     if [ "$cap" -lt 20 ]; then RC[$name]="no time"; SECS[$name]=0; echo "== $name: skipped, budget spent"; return; fi
@@ -90,14 +96,16 @@ stage() {
     echo "== $name: rc ${RC[$name]}, ${SECS[$name]} s"
 }
 
-stage tests 100 $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
+stage tests 90 $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
     tests/test_kernels.py tests/test_kernels_gpu.py tests/test_train_gpu.py
 cp "$WORK/tests.out" "$WORK/pytest.txt" 2>/dev/null; tail -n 3 "$WORK/tests.out" 2>/dev/null
-stage kernels 60 $PY -m fastlcm bench kernels --no-compile --json --record "$OUT/kernels.csv" $KERNELS_ARGS
 # shellcheck disable=SC2086  # the *_ARGS strings are word-split on purpose
-stage step_bf16 120 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision bf16 --json --out-csv "$OUT/step.csv"
-stage step_fp16 120 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision $FP16 --json --out-csv "$OUT/step.csv"
-stage loader 70 $PY -m fastlcm bench loader $LOADER_ARGS --vs-webdataset --json --out-csv "$OUT/loader.csv"
+stage kernels 50 $PY -m fastlcm bench kernels --no-compile --json --record "$OUT/kernels.csv" $KERNELS_ARGS
+stage kernels_compile 80 $PY -m fastlcm bench kernels --json --record "$OUT/kernels.csv" $KERNELS_ARGS --sizes "$KCOMPILE_SIZES"
+stage loader 60 $PY -m fastlcm bench loader $LOADER_ARGS --vs-webdataset --json --out-csv "$OUT/loader.csv"
+stage step_bf16 100 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision bf16 --json --out-csv "$OUT/step.csv"
+stage step_fp16 100 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision $FP16 --json --out-csv "$OUT/step.csv"
+stage step_matrix 330 $PY -m fastlcm bench step $MATRIX_ARGS --matrix "$MATRIX_SETS" --out-csv "$OUT/step.csv"
 
 # ---- one table ----
 {
@@ -117,16 +125,22 @@ try:
     print("tests:", lines[-1] if lines else "(no output)")
 except OSError:
     print("tests: (not run)")
-k = load("kernels")
-if k:
+for kname in ("kernels", "kernels_compile"):
+  k = load(kname)
+  if k:
     rows = [r for r in k["rows"] if r["impl"] == "triton"]
     bad = [r for r in rows if r["check"] != "ok"]
-    print(f"kernels: copy {k['copy_gbps']:.0f} GB/s; {len(rows)} triton cases, {len(bad)} mismatches; "
+    print(f"{kname}: copy {k['copy_gbps']:.0f} GB/s; {len(rows)} triton cases, {len(bad)} mismatches; "
           "triton %copy-bw min/median/max: " + "/".join(
               f"{v:.0f}" for v in (lambda s: (s[0], s[len(s) // 2], s[-1]))(sorted(r["pct_copy_bw"] for r in rows))))
+    for r in (r for r in k["rows"] if r["impl"] != "eager"):
+        print(f"  {r['op']:<13}{r['shape']:<16}{r['impl']:<8}{r['ms']:>8.3f} ms{r['gbps']:>7.0f} GB/s{r['pct_copy_bw']:>5.0f}%"
+              f"  x{r['speedup_vs_eager'] or 0:.2f} vs eager  {r['check']}")
 print(f"{'step':<34}{'samples/s':>10}{'step s':>9}{'peak GiB':>10}  parts (s, instrumented: vae/text/teacher/target/student/opt/loader)")
 for name in ("step_bf16", "step_fp16"):
     s = load(name)
+    if not os.path.exists(os.path.join(w, name + ".out")):
+        continue
     if not s:
         print(f"{name:<34}(failed: see {name}.err in results.tar.gz)")
         continue
@@ -140,6 +154,11 @@ for name in ("step_bf16", "step_fp16"):
         r = s["reference"]["runs"][ref]
         print(f"{'  reference H200 ' + ref:<34}{r['samples_per_s']:>10.1f}{r['step_s']:>9.3f}{r['peak_mem_gib']:>10.1f}"
               f"  speed-up {r['step_s'] / s['step_s']:.2f}x (a like-for-like ratio only on an H200)")
+try:
+    m = open(os.path.join(w, "step_matrix.out")).read().strip().splitlines()
+    print("step matrix:", *m[-14:], sep="\n  ")
+except OSError:
+    pass
 l = load("loader")
 if l:
     print(f"loader: fastlcm {l['fastlcm_images_per_s']} img/s vs webdataset {l['webdataset_images_per_s']} img/s "
