@@ -96,8 +96,9 @@ stage() {
     echo "== $name: rc ${RC[$name]}, ${SECS[$name]} s"
 }
 
+# shellcheck disable=SC2086
 stage tests 90 $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
-    tests/test_kernels.py tests/test_kernels_gpu.py tests/test_train_gpu.py
+    ${GPU_CHECK_TESTS:-tests/test_kernels.py tests/test_kernels_gpu.py tests/test_train_gpu.py}
 cp "$WORK/tests.out" "$WORK/pytest.txt" 2>/dev/null; tail -n 3 "$WORK/tests.out" 2>/dev/null
 # shellcheck disable=SC2086  # the *_ARGS strings are word-split on purpose
 stage kernels 50 $PY -m fastlcm bench kernels --no-compile --json --record "$OUT/kernels.csv" $KERNELS_ARGS
