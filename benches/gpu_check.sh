@@ -19,7 +19,8 @@
 #   #    (every JSON, stderr and the pytest log). Append the CSV rows to benches/results/{step,kernels,loader}.csv.
 #   #    Then give_back unless you rerun at once.
 # Outside the device tool $OUT is unset: the files go to ./gpu_check_out instead.
-# Stages: GPU_CHECK_STAGES (default "tests kernels kernels_compile step_matrix loader"; also step_bf16 step_fp16);
+# Stages: GPU_CHECK_STAGES (default "tests kernels kernels_graph kernels_compile step_matrix loader"; also step_bf16
+# step_fp16);
 # the step matrix's lever sets: GPU_CHECK_MATRIX (comma list, see `fastlcm bench step --help`).
 # GPU_CHECK_SMOKE=1 runs the same stages on a CPU at toy sizes (tiny teacher, 24 images; tests only collected), to
 # check the script itself before spending device time: GPU_CHECK_SMOKE=1 bash benches/gpu_check.sh  (~30 s)
@@ -57,10 +58,10 @@ import torch
 print("cuda available:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
 
-STAGES=${GPU_CHECK_STAGES:-tests kernels kernels_compile step_matrix loader}
+STAGES=${GPU_CHECK_STAGES:-tests kernels kernels_graph kernels_compile step_matrix loader}
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     TESTS_MODE="--collect-only"; export OMP_NUM_THREADS=1
-    KERNELS_ARGS="--device cpu --sizes 2x4x8x8 --warmup 1 --iters 2"; KCOMPILE_SIZES="2x4x8x8"
+    KERNELS_ARGS="--device cpu --sizes 2x4x8x8 --warmup 1 --iters 2"; KCOMPILE_SIZES="2x4x8x8"; KGRAPH=""
     STEP_ARGS="--family tiny --batch-size 2 --steps 2 --warmup 1 --parts-steps 1 --device cpu"
     MATRIX_ARGS="--family tiny --batch-size 2 --steps 2 --warmup 1 --parts-steps 0 --device cpu"
     MATRIX_SETS=${GPU_CHECK_MATRIX:-reference-bf16,+fused-adam}
@@ -68,7 +69,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     LOADER_ARGS="--synthetic 24 --threads 2 --seconds 1 --decode-images 4 --min-size 128 --max-size 192 --resolution 128"
 else
     TESTS_MODE="--timeout 90"
-    KERNELS_ARGS="--warmup 10 --iters 100"; KCOMPILE_SIZES="sd15:12,sdxl:12"
+    KERNELS_ARGS="--warmup 10 --iters 100"; KCOMPILE_SIZES="sd15:12,sdxl:12"; KGRAPH="--cuda-graph"
     STEP_ARGS="--family sd15 --batch-size 12 --resolution 512 --steps 20"
     MATRIX_ARGS="--family sd15 --batch-size 12 --resolution 512 --steps 15 --warmup 4 --parts-steps 3"
     MATRIX_SETS=${GPU_CHECK_MATRIX:-reference-bf16,reference-fp16-ckpt,+fused-adam,+uint8-prefetch,+channels-last,+latents,+compile}
@@ -97,11 +98,12 @@ stage() {
 }
 
 # shellcheck disable=SC2086
-stage tests 90 $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
+stage tests ${GPU_CHECK_TESTS_CAP:-120} $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
     ${GPU_CHECK_TESTS:-tests/test_kernels.py tests/test_kernels_gpu.py tests/test_train_gpu.py}
 cp "$WORK/tests.out" "$WORK/pytest.txt" 2>/dev/null; tail -n 3 "$WORK/tests.out" 2>/dev/null
 # shellcheck disable=SC2086  # the *_ARGS strings are word-split on purpose
 stage kernels 50 $PY -m fastlcm bench kernels --no-compile --json --record "$OUT/kernels.csv" $KERNELS_ARGS
+stage kernels_graph 40 $PY -m fastlcm bench kernels --no-compile $KGRAPH --json --record "$OUT/kernels.csv" $KERNELS_ARGS
 stage kernels_compile 80 $PY -m fastlcm bench kernels --json --record "$OUT/kernels.csv" $KERNELS_ARGS --sizes "$KCOMPILE_SIZES"
 stage loader 60 $PY -m fastlcm bench loader $LOADER_ARGS --vs-webdataset --json --out-csv "$OUT/loader.csv"
 stage step_bf16 100 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision bf16 --json --out-csv "$OUT/step.csv"
@@ -126,7 +128,7 @@ try:
     print("tests:", lines[-1] if lines else "(no output)")
 except OSError:
     print("tests: (not run)")
-for kname in ("kernels", "kernels_compile"):
+for kname in ("kernels", "kernels_graph", "kernels_compile"):
   k = load(kname)
   if k:
     rows = [r for r in k["rows"] if r["impl"] == "triton"]

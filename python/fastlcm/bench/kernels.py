@@ -30,7 +30,7 @@ IDEAL_BYTES = {
 DEFAULT_SIZES = "sd15:12,sd15:48,sdxl:12,sdxl:48"
 CSV_FIELDS = (
     "date_utc", "commit", "gpu", "torch", "triton", "op", "shape", "dtype", "impl", "ms", "gbps", "pct_copy_bw",
-    "speedup_vs_eager", "copy_gbps", "check",
+    "speedup_vs_eager", "copy_gbps", "check", "timing",
 )  # fmt: skip
 
 
@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=25, help="untimed calls per measurement (default 25)")
     parser.add_argument("--iters", type=int, default=200, help="timed calls per measurement (default 200)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time replays of a CUDA graph of --graph-calls calls (device time, no launch overhead)")
+    parser.add_argument("--graph-calls", type=int, default=20, help="calls captured per graph (default 20)")
     parser.add_argument("--copy-mib", type=int, default=1024, help="buffer size for the copy bandwidth (default 1024)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--record", default="benches/results/kernels.csv", help="CSV the rows are appended to")
@@ -68,14 +71,20 @@ def parse_size(spec: str) -> tuple[int, ...]:
 
 
 class Timer:
-    """Seconds per call: CUDA events on the GPU, perf_counter (after a sync) otherwise."""
+    """Seconds per call: CUDA events on the GPU, perf_counter (after a sync) otherwise.
 
-    def __init__(self, device, warmup: int, iters: int):
-        self.device, self.warmup, self.iters = device, warmup, iters
+    With ``graph_calls`` (CUDA only) the calls are captured into one CUDA graph of that many calls and the graph's
+    replays are timed: what is left is the device time of the kernels, without Python and launch overhead.
+    """
+
+    def __init__(self, device, warmup: int, iters: int, graph_calls: int = 0):
+        self.device, self.warmup, self.iters, self.graph_calls = device, warmup, iters, graph_calls
 
     def __call__(self, fn) -> float:
         import torch
 
+        if self.graph_calls and self.device.type == "cuda":
+            return self._graphed(fn)
         for _ in range(self.warmup):
             fn()
         if self.device.type == "cuda":
@@ -91,6 +100,31 @@ class Timer:
         for _ in range(self.iters):
             fn()
         return (time.perf_counter() - t0) / self.iters
+
+
+    def _graphed(self, fn) -> float:
+        import torch
+
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture requires
+            for _ in range(max(self.warmup, 3)):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(self.graph_calls):
+                fn()
+        replays = max(1, self.iters // self.graph_calls)
+        graph.replay()
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / (replays * self.graph_calls)
 
 
 def copy_bandwidth(device, mib: int, timer: Timer) -> float:
@@ -221,7 +255,15 @@ def run(args) -> int:
         return 2
     dtype = getattr(torch, args.dtype)
     compile_ = not args.no_compile and not smoke
+    if args.cuda_graph and (smoke or compile_):
+        print("fastlcm bench kernels: --cuda-graph needs a CUDA device and --no-compile", file=sys.stderr)
+        return 2
+    if args.graph_calls < 1:
+        print(f"fastlcm bench kernels: --graph-calls must be >= 1, got {args.graph_calls}", file=sys.stderr)
+        return 2
     timer = Timer(device, args.warmup, args.iters)
+    graph_timer = Timer(device, args.warmup, args.iters, args.graph_calls) if args.cuda_graph else None
+    timing = "cuda-graph replay" if args.cuda_graph else "host launch"
     gpu = torch.cuda.get_device_name(device) if not smoke else "cpu (smoke test: Triton interpreter)"
     copy_gbps = copy_bandwidth(device, min(args.copy_mib, 16) if smoke else args.copy_mib, timer)
     import triton
@@ -239,19 +281,19 @@ def run(args) -> int:
                 cases = make_cases(op, shape, dtype, device, args.loss_type, args.prediction_type, compile_)
                 check = _check(cases["triton"](), cases["eager"](), dtype)
                 failed |= check != "ok"
-                times = {impl: timer(fn) for impl, fn in cases.items()}
+                times = {impl: (graph_timer or timer)(fn) for impl, fn in cases.items()}
                 for impl, seconds in times.items():
                     gbps = ideal[op] / seconds / 1e9
                     rows.append({**meta, "op": op, "shape": "x".join(map(str, shape)), "dtype": args.dtype,
                                  "impl": impl, "ms": seconds * 1e3, "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps,
                                  "speedup_vs_eager": times["eager"] / seconds, "copy_gbps": copy_gbps,
-                                 "check": check if impl == "triton" else ""})  # fmt: skip
+                                 "check": check if impl == "triton" else "", "timing": timing})  # fmt: skip
     if args.json:
         print(json.dumps({**meta, "copy_gbps": copy_gbps, "ideal_bytes_per_element": IDEAL_BYTES, "rows": rows},
                          indent=2))  # fmt: skip
     else:
         print(f"GPU: {gpu}   torch {meta['torch']}   triton {meta['triton']}   commit {meta['commit']}")
-        print(f"copy bandwidth (dst.copy_(src), read+write): {copy_gbps:.1f} GB/s")
+        print(f"copy bandwidth (dst.copy_(src), read+write): {copy_gbps:.1f} GB/s; timing: {timing}")
         print("GB/s = ideal bytes (IDEAL_BYTES x N x element size) / time; loss/boundary include the backward")
         print(f"{'op':<13}{'shape':<16}{'dtype':<10}{'impl':<9}{'ms':>9}{'GB/s':>9}{'%copy':>8}{'x eager':>9}  check")
         for r in rows:

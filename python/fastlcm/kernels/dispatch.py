@@ -126,8 +126,8 @@ class TritonKernel:
 
     def __getitem__(self, grid):
         def launch(*args, device: torch.device, **kwargs):
-            if device.type == "cuda":
-                with torch.cuda.device(device):
+            if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):  # launch on the tensors' GPU, not the current one
                     return self.variant(device)[grid](*args, **kwargs)
             return self.variant(device)[grid](*args, **kwargs)
 
