@@ -396,6 +396,28 @@ def test_bench_cpu_smoke_json(capsys, tmp_path):
         bench.parse_size("sd3:4")
 
 
+@pytest.mark.gpu
+def test_bench_cuda_graph_timing_on_gpu(capsys, tmp_path):
+    """--cuda-graph captures the ops (the loss and boundary with their backward) and times the replays."""
+    import json
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    bench, args = bench_args("--json", "--no-compile", "--cuda-graph", "--graph-calls", "5", "--sizes", "3x4x37x41",
+                             "--warmup", "2", "--iters", "10", "--copy-mib", "64", "--record", str(tmp_path / "k.csv"))
+    assert bench.run(args) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert {(r["op"], r["impl"]) for r in rows} == {(op, i) for op in bench.OPS for i in ("triton", "eager")}
+    assert all(r["timing"] == "cuda-graph replay" and r["ms"] > 0 for r in rows)
+    assert all(r["check"] == "ok" for r in rows if r["impl"] == "triton")
+    assert (tmp_path / "k.csv").read_text().count("cuda-graph replay") == len(rows)
+
+
+def test_bench_cuda_graph_needs_cuda(capsys):
+    bench, args = bench_args("--device", "cpu", "--no-compile", "--cuda-graph", "--no-record")
+    assert bench.run(args) == 2 and "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
 def test_kernels_compile_for_nvidia_targets():
     """Without a GPU, compile each kernel to a cubin for sm_90 (H100/H200) with Triton's bundled ptxas, the way the
     CUDA path specializes it (16-byte-aligned pointers, sizes divisible by 16): catches compiled-path-only errors."""
