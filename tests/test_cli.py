@@ -19,7 +19,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand():
     out = _run("--help")
     assert out.returncode == 0, out.stderr
-    names = {"train", "generate", "demo", "eval", "make-shards", "bench"}
+    names = {"train", "generate", "demo", "eval", "make-shards", "precompute", "bench"}
     for name in names:
         assert name in out.stdout
     assert {c[0] for c in COMMANDS} == names

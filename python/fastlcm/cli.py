@@ -18,6 +18,7 @@ COMMANDS: list[tuple[str, str, str, int]] = [
     ("demo", "fastlcm.demo", "run the whole product on the embedded tiny default, no downloads", 7),
     ("eval", "fastlcm.evaluate", "distillation quality: few-step samplers vs the teacher's 50-step DDIM", 7),
     ("make-shards", "fastlcm.data.make_shards", "write WebDataset shards from an image folder or synthetic images", 3),
+    ("precompute", "fastlcm.precompute", "encode image shards once into latent shards (VAE latents + text embeddings)", 8),
     ("bench", "fastlcm.bench", "benchmarks: loader, kernels, step", 3),
 ]
 

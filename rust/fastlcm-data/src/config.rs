@@ -45,6 +45,9 @@ pub struct LoaderConfig {
     pub prefetch_batches: usize,
     /// Timeouts and retries of shard sources.
     pub source: SourceOptions,
+    /// Raw mode: no image decoding; each sample yields its members' bytes and must have a valid
+    /// `latent.safetensors` member (resolution, crop, flip and dtype are then unused).
+    pub raw: bool,
 }
 
 impl LoaderConfig {
@@ -69,6 +72,7 @@ impl LoaderConfig {
             dct_scaling: false,
             prefetch_batches: 2,
             source: SourceOptions::default(),
+            raw: false,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! fastlcm-data: the pyo3-free core of fastlcm's data path.
 //!
 //! Stages (one module each, see DESIGN.md "Data flow"): shards → source → tar → samples → shuffle →
-//! decode → batch, driven by `pipeline::Loader` (reader thread + decode threads, ordered results).
+//! decode → batch, driven by `pipeline::Loader` (reader thread + decode threads, ordered results). Raw mode
+//! (cached latents) replaces decode by a safetensors check and yields each sample's member bytes.
 
 pub mod batch;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod error;
 pub mod pipeline;
 pub mod reader;
 pub mod rng;
+pub mod safetensors;
 pub mod samples;
 pub mod shards;
 pub mod shuffle;

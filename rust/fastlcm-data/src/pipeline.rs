@@ -5,6 +5,9 @@
 //! consumes them strictly in that order; crop/flip randomness comes from `(seed, stream position)`.
 //! Resume state is (epoch, position of the epoch's first sample, position after the last returned batch):
 //! loading it replays the epoch's read + shuffle without decoding and discards positions already consumed.
+//!
+//! Raw mode (`LoaderConfig::raw`, cached latents): the same stream, but the decode threads only check each
+//! sample's `latent.safetensors` member and batches carry every member's bytes instead of pixels.
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -20,6 +23,7 @@ use crate::decode::{process, DecodeOptions, Scratch, MAX_PIXELS};
 use crate::error::{Error, Result};
 use crate::reader::{Done, Event, Outcome, Reader, Work};
 use crate::rng::{derive_seed, stream, Rng};
+use crate::safetensors;
 use crate::shards::expand_specs;
 use crate::stats::{add, add_time, Stats};
 
@@ -97,11 +101,15 @@ impl Loader {
                 cfg.rank
             )));
         }
+        let stats = Arc::new(Stats {
+            raw: cfg.raw,
+            ..Default::default()
+        });
         Ok(Loader {
             cfg,
             urls: Arc::new(urls),
             state: ResumeState::default(),
-            stats: Arc::new(Stats::default()),
+            stats,
             running: None,
             pool: Arc::new(Mutex::new(Vec::new())),
             pid: std::process::id(),
@@ -125,7 +133,11 @@ impl Loader {
         self.stats.clone()
     }
 
+    /// Bytes of one batch's pixel buffer (0 in raw mode: pass an empty slice).
     pub fn batch_nbytes(&self) -> usize {
+        if self.cfg.raw {
+            return 0;
+        }
         batch_nbytes(self.cfg.batch_size, self.cfg.resolution, self.cfg.dtype)
     }
 
@@ -143,7 +155,7 @@ impl Loader {
                 .map(|u| derive_seed(&u.bytes().map(u64::from).collect::<Vec<_>>()))
                 .collect::<Vec<_>>(),
         );
-        vec![
+        let mut fp = vec![
             ("seed", c.seed),
             ("batch_size", c.batch_size as u64),
             ("resolution", c.resolution as u64),
@@ -153,7 +165,11 @@ impl Loader {
             ("resampled", c.resampled as u64),
             ("num_shards", self.urls.len() as u64),
             ("shards_hash", url_hash >> 12), // fits a JSON double exactly
-        ]
+        ];
+        if c.raw {
+            fp.push(("raw", 1)); // only in raw mode, so image-mode state dicts stay as they were
+        }
+        fp
     }
 
     /// Sets the position to resume from (stops any running pipeline; the next call restarts there).
@@ -260,9 +276,14 @@ impl Loader {
                     run.consecutive_failures = 0;
                     run.batch.push(sample);
                     if run.batch.len() == b {
-                        let meta = assemble(&run.batch, self.cfg.dtype, dst, self.cfg.threads);
+                        let meta = assemble(&mut run.batch, self.cfg.dtype, dst, self.cfg.threads);
                         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-                        pool.extend(run.batch.drain(..).map(|s| s.pixels));
+                        pool.extend(
+                            run.batch
+                                .drain(..)
+                                .map(|s| s.pixels)
+                                .filter(|p| p.capacity() > 0),
+                        );
                         drop(pool);
                         let shard_counts = run.shard_counts
                             [..(ordinal as usize).min(run.shard_counts.len())]
@@ -346,6 +367,7 @@ impl Loader {
         };
         let mut handles = Vec::new();
         for i in 0..cfg.threads {
+            let raw = cfg.raw;
             let (rx, tx, stop, stats, pool, opts, seed) = (
                 work_rx.clone(),
                 res_tx.clone(),
@@ -357,7 +379,7 @@ impl Loader {
             );
             let h = std::thread::Builder::new()
                 .name(format!("fastlcm-decode-{i}"))
-                .spawn(move || decode_worker(rx, tx, stop, stats, pool, opts, seed))
+                .spawn(move || decode_worker(rx, tx, stop, stats, pool, opts, seed, raw))
                 .expect("spawn decode thread");
             handles.push(h);
         }
@@ -404,6 +426,7 @@ impl Drop for Loader {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn decode_worker(
     rx: Arc<Mutex<Receiver<Work>>>,
     tx: Sender<Done>,
@@ -412,6 +435,7 @@ fn decode_worker(
     pool: Pool,
     opts: DecodeOptions,
     seed: u64,
+    raw_mode: bool,
 ) {
     let mut scratch = Scratch::default();
     loop {
@@ -426,15 +450,22 @@ fn decode_worker(
             return;
         }
         let t0 = Instant::now();
-        let mut pixels = pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
+        let mut pixels = if raw_mode {
+            Vec::new()
+        } else {
+            pool.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .unwrap_or_default()
+        };
         let mut rng = Rng::from_parts(&[seed, stream::SAMPLE, w.pos]);
-        let raw = w.raw;
+        let mut raw = w.raw;
         let res = catch_unwind(AssertUnwindSafe(|| {
-            process(&raw.image, &mut rng, &opts, &mut scratch, &mut pixels)
+            if raw_mode {
+                safetensors::check_sample(&raw)
+            } else {
+                process(&raw.image, &mut rng, &opts, &mut scratch, &mut pixels)
+            }
         }));
         let message = match res {
             Ok(Ok(placement)) => {
@@ -446,6 +477,7 @@ fn decode_worker(
                     shard: raw.shard,
                     placement,
                     pixels,
+                    members: std::mem::take(&mut raw.members),
                 };
                 if tx
                     .send(Done {

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use crate::decode::DType;
 use crate::pipeline::{Loader, LoaderConfig, ResumeState};
+use crate::safetensors::tests::file as safetensors_file;
 use crate::tar::build::{tar, Long};
 use crate::Error;
 
@@ -40,6 +41,11 @@ fn tmpdir(name: &str) -> PathBuf {
 
 /// `shards` shards of `per` samples each; sample i is `{i:05}` with a jpg, txt and json.
 fn make_shards(name: &str, shards: usize, per: usize) -> (PathBuf, String) {
+    make_shards_with(name, shards, per, false)
+}
+
+/// As `make_shards`; with `latents` each sample also has a `latent.safetensors` of i + 1 values.
+fn make_shards_with(name: &str, shards: usize, per: usize, latents: bool) -> (PathBuf, String) {
     let d = tmpdir(name);
     for s in 0..shards {
         let mut files: Vec<(String, Vec<u8>)> = Vec::new();
@@ -52,6 +58,12 @@ fn make_shards(name: &str, shards: usize, per: usize) -> (PathBuf, String) {
                 format!("{i:05}.json"),
                 format!("{{\"original_width\": {w}}}").into_bytes(),
             ));
+            if latents {
+                files.push((
+                    format!("{i:05}.latent.safetensors"),
+                    safetensors_file(i + 1, "{}"),
+                ));
+            }
         }
         let refs: Vec<(&str, &[u8])> = files
             .iter()
@@ -300,4 +312,150 @@ fn resampled_resume_is_exact() {
     for expect in &seq[5..] {
         assert_eq!(&l2.next_batch(&mut buf).unwrap().unwrap().keys, expect);
     }
+}
+
+fn raw_cfg(spec: &str, b: usize) -> LoaderConfig {
+    let mut c = cfg(spec, b);
+    c.raw = true;
+    c
+}
+
+/// Keys and, per sample, the member extensions and the latent's byte length.
+type RawBatch = (Vec<String>, Vec<(Vec<String>, usize)>);
+
+fn drain_raw(l: &mut Loader) -> Vec<RawBatch> {
+    let mut out = Vec::new();
+    assert_eq!(l.batch_nbytes(), 0);
+    while let Some(m) = l.next_batch(&mut []).unwrap() {
+        let members = m
+            .members
+            .iter()
+            .map(|ms| {
+                let exts = ms.iter().map(|(e, _)| e.clone()).collect();
+                let latent = ms.iter().find(|(e, _)| e == "latent.safetensors").unwrap();
+                (exts, latent.1.len())
+            })
+            .collect();
+        out.push((m.keys, members));
+    }
+    out
+}
+
+#[test]
+fn raw_mode_keeps_the_image_mode_stream_and_yields_all_members() {
+    let (_d, spec) = make_shards_with("raw-order", 3, 7, true);
+    let mut c = cfg(&spec, 4);
+    c.epochs = Some(2);
+    let images: Vec<Vec<String>> = drain(&mut Loader::new(c.clone()).unwrap())
+        .into_iter()
+        .map(|b| b.0)
+        .collect();
+    c.raw = true;
+    for t in [1, 3] {
+        c.threads = t;
+        let mut l = Loader::new(c.clone()).unwrap();
+        let raw = drain_raw(&mut l);
+        let keys: Vec<Vec<String>> = raw.iter().map(|b| b.0.clone()).collect();
+        assert_eq!(
+            keys, images,
+            "same order, shuffle and batching as image mode (threads={t})"
+        );
+        let (exts, len) = &raw[0].1[0];
+        assert_eq!(exts, &["jpg", "txt", "json", "latent.safetensors"]);
+        let i: usize = raw[0].0[0].parse().unwrap();
+        assert_eq!(*len, safetensors_file(i + 1, "{}").len());
+        let snap = l.stats().snapshot();
+        assert_eq!(snap["samples_yielded"], 2 * 20);
+        assert_eq!(snap["skipped"]["partial_batch"], 2);
+        assert!(
+            snap["skipped"].get("corrupt_image").is_none()
+                && snap["skipped"]["corrupt_latent"] == 0
+        );
+    }
+}
+
+#[test]
+fn raw_mode_splits_ranks_and_resumes_exactly() {
+    let (_d, spec) = make_shards_with("raw-resume", 5, 3, true);
+    let mut seen = Vec::new();
+    for rank in 0..2 {
+        let mut c = raw_cfg(&spec, 1);
+        c.rank = rank;
+        c.world_size = 2;
+        seen.extend(
+            drain_raw(&mut Loader::new(c).unwrap())
+                .into_iter()
+                .flat_map(|b| b.0),
+        );
+    }
+    seen.sort();
+    assert_eq!(seen, (0..15).map(|i| format!("{i:05}")).collect::<Vec<_>>());
+
+    let mut c = raw_cfg(&spec, 2);
+    c.epochs = Some(2);
+    c.threads = 2;
+    let all = drain_raw(&mut Loader::new(c.clone()).unwrap());
+    for k in [1, 5, all.len() - 1] {
+        let mut l = Loader::new(c.clone()).unwrap();
+        for _ in 0..k {
+            l.next_batch(&mut []).unwrap().unwrap();
+        }
+        let mut l2 = Loader::new(c.clone()).unwrap();
+        l2.load_state(l.state().clone()).unwrap();
+        assert_eq!(
+            drain_raw(&mut l2),
+            all[k..].to_vec(),
+            "resume after {k} batches"
+        );
+    }
+    let fp = Loader::new(c).unwrap().fingerprint();
+    assert!(fp.contains(&("raw", 1)));
+}
+
+#[test]
+fn raw_mode_skips_or_raises_on_bad_latents() {
+    let d = tmpdir("raw-bad");
+    let good = safetensors_file(4, "{}");
+    let mut cut = good.clone();
+    cut.truncate(good.len() - 3);
+    let t = tar(
+        &[
+            ("a.latent.safetensors", &good),
+            ("a.txt", b"ok"),
+            ("b.latent.safetensors", &cut),
+            ("b.txt", b"corrupt"),
+            ("c.txt", b"no latent"),
+            ("c.jpg", &jpeg(8, 8, 1)),
+            ("e.latent.safetensors", &good),
+            ("e.json", b"{}"),
+        ],
+        Long::None,
+    );
+    let p = d.join("x.tar");
+    std::fs::write(&p, t).unwrap();
+    let spec = p.display().to_string();
+    let mut c = raw_cfg(&spec, 1);
+    c.shuffle_buffer = 0;
+    let mut l = Loader::new(c.clone()).unwrap();
+    let keys: Vec<String> = drain_raw(&mut l).into_iter().flat_map(|b| b.0).collect();
+    assert_eq!(
+        keys,
+        vec!["a", "e"],
+        "a missing caption is fine in raw mode"
+    );
+    let snap = l.stats().snapshot();
+    assert_eq!(snap["skipped"]["corrupt_latent"], 1, "{snap}");
+    assert_eq!(snap["skipped"]["missing_latent"], 1, "{snap}");
+    assert!(snap["skipped"].get("missing_caption").is_none());
+    c.on_error_raise = true;
+    let mut l = Loader::new(c).unwrap();
+    let m = l.next_batch(&mut []).unwrap().unwrap();
+    assert_eq!(m.captions, vec!["ok"]);
+    let err = l.next_batch(&mut []).unwrap_err();
+    assert!(matches!(err, Error::Decode { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("x.tar") && msg.contains("b.latent.safetensors"),
+        "{msg}"
+    );
 }

@@ -15,7 +15,7 @@ use crate::batch::DecodedSample;
 use crate::error::Error;
 use crate::pipeline::{LoaderConfig, ResumeState};
 use crate::rng::{stream, Rng};
-use crate::samples::{select, Group, Grouper, RawSample, Reject};
+use crate::samples::{select, select_raw, Group, Grouper, RawSample, Reject};
 use crate::shards::{epoch_shards, Resampler};
 use crate::shuffle::ShuffleBuffer;
 use crate::source::open;
@@ -353,7 +353,11 @@ impl Reader {
         };
         let shard: Arc<str> = Arc::from(url);
         let mut tar = TarReader::new(src, url);
-        let mut grouper = Grouper::default();
+        let mut grouper = if self.cfg.raw {
+            Grouper::keep_all()
+        } else {
+            Grouper::default()
+        };
         let mut count = 0u64;
         let mut last_bytes = 0u64;
         loop {
@@ -400,7 +404,12 @@ impl Reader {
 
     fn take_group(&mut self, g: Group, shard: &Arc<str>, sink: &mut Sink) -> Flow<u64> {
         add(&self.stats.samples_read, 1);
-        match select(g, shard, &self.cfg.filters) {
+        let picked = if self.cfg.raw {
+            select_raw(g, shard, &self.cfg.filters)
+        } else {
+            select(g, shard, &self.cfg.filters)
+        };
+        match picked {
             Ok(s) => {
                 self.consecutive_rejects = 0;
                 match sink {

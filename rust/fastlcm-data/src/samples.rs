@@ -11,6 +11,8 @@ use crate::tar::Entry;
 
 pub const IMAGE_EXTS: [&str; 4] = ["jpg", "png", "jpeg", "webp"];
 pub const CAPTION_EXTS: [&str; 3] = ["text", "txt", "caption"];
+/// Raw mode: the member every sample must have (a cached-latents sample's tensors).
+pub const RAW_REQUIRED_EXT: &str = "latent.safetensors";
 
 /// Splits a member name into (key, lower-cased extension), or None for names webdataset ignores.
 pub fn split_name(name: &str) -> Option<(String, String)> {
@@ -57,9 +59,18 @@ impl Group {
 #[derive(Default)]
 pub struct Grouper {
     current: Option<Group>,
+    keep_all: bool,
 }
 
 impl Grouper {
+    /// A grouper that keeps the bytes of every member (raw mode), not only image/caption/json.
+    pub fn keep_all() -> Self {
+        Grouper {
+            current: None,
+            keep_all: true,
+        }
+    }
+
     pub fn push(&mut self, e: Entry) -> Option<Group> {
         let (key, ext) = split_name(&e.name)?;
         let mut done = None;
@@ -77,7 +88,8 @@ impl Grouper {
         }
         let g = self.current.as_mut().expect("current group");
         g.exts.insert(ext.clone());
-        if IMAGE_EXTS.contains(&ext.as_str())
+        if self.keep_all
+            || IMAGE_EXTS.contains(&ext.as_str())
             || CAPTION_EXTS.contains(&ext.as_str())
             || ext == "json"
         {
@@ -101,6 +113,8 @@ pub struct RawSample {
     pub image: Vec<u8>,
     pub caption: Vec<u8>,
     pub json: Option<Vec<u8>>,
+    /// Raw mode: every member as (extension, bytes) in tar order (`image` is then empty); image mode: empty.
+    pub members: Vec<(String, Vec<u8>)>,
 }
 
 /// Why a sample was dropped before decoding.
@@ -192,6 +206,35 @@ pub fn select(g: Group, shard: &Arc<str>, filters: &Filters) -> Result<RawSample
         image,
         caption,
         json,
+        members: Vec::new(),
+    })
+}
+
+/// Raw mode: requires a `RAW_REQUIRED_EXT` member (else `MissingImage`, reported as missing_latent); the caption
+/// is optional; json filters apply; every member's bytes are kept.
+pub fn select_raw(g: Group, shard: &Arc<str>, filters: &Filters) -> Result<RawSample, Reject> {
+    let (member, offset) = g
+        .get(RAW_REQUIRED_EXT)
+        .map(|m| (m.1.clone(), m.3))
+        .ok_or(Reject::MissingImage)?;
+    let json = g.get("json").map(|j| j.2.clone());
+    if !filters.pass(json.as_deref()) {
+        return Err(Reject::Filtered);
+    }
+    let caption = CAPTION_EXTS
+        .iter()
+        .find_map(|e| g.get(e))
+        .map(|c| c.2.clone())
+        .unwrap_or_default();
+    Ok(RawSample {
+        key: g.key,
+        shard: shard.clone(),
+        image_member: member,
+        image_offset: offset,
+        image: Vec::new(),
+        caption,
+        json,
+        members: g.kept.into_iter().map(|m| (m.0, m.2)).collect(),
     })
 }
 

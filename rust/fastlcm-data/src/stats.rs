@@ -21,6 +21,9 @@ pub struct Stats {
     pub read_ns: AtomicU64,
     pub decode_ns: AtomicU64,
     pub wait_ns: AtomicU64,
+    /// Raw mode: `corrupt_image` / `missing_image` are reported as `corrupt_latent` / `missing_latent`, and
+    /// `missing_caption` (never counted there) is left out.
+    pub raw: bool,
 }
 
 pub fn add(c: &AtomicU64, n: u64) {
@@ -37,7 +40,7 @@ impl Stats {
     pub fn snapshot(&self) -> serde_json::Value {
         let g = |c: &AtomicU64| c.load(Relaxed);
         let s = |c: &AtomicU64| c.load(Relaxed) as f64 * 1e-9;
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "samples_read": g(&self.samples_read),
             "samples_yielded": g(&self.samples_yielded),
             "batches_yielded": g(&self.batches_yielded),
@@ -54,6 +57,18 @@ impl Stats {
                 "partial_batch": g(&self.partial_batch),
             },
             "timings_s": {"read": s(&self.read_ns), "decode": s(&self.decode_ns), "wait": s(&self.wait_ns)},
-        })
+        });
+        if self.raw {
+            let skipped = v["skipped"].as_object_mut().expect("skipped is an object");
+            skipped.remove("missing_caption");
+            for (from, to) in [
+                ("corrupt_image", "corrupt_latent"),
+                ("missing_image", "missing_latent"),
+            ] {
+                let n = skipped.remove(from).expect("counter present");
+                skipped.insert(to.to_string(), n);
+            }
+        }
+        v
     }
 }

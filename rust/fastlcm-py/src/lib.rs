@@ -10,7 +10,7 @@ use fastlcm_data::{DType, Error, Loader, LoaderConfig, Poll, ResumeState};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 create_exception!(
     fastlcm.data,
@@ -80,7 +80,7 @@ impl PyLoader {
     #[pyo3(signature = (shards, batch_size, resolution, *, seed, shuffle_buffer, threads, rank, world_size, resampled,
                         epochs, crop, random_flip, dtype, on_error, min_original_width, min_original_height,
                         max_pwatermark, max_consecutive_rejections, dct_scaling, prefetch_batches,
-                        http_timeout_s, http_retries))]
+                        http_timeout_s, http_retries, raw=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         shards: Vec<String>,
@@ -105,6 +105,7 @@ impl PyLoader {
         prefetch_batches: usize,
         http_timeout_s: f64,
         http_retries: u32,
+        raw: bool,
     ) -> PyResult<Self> {
         let dtype = DType::parse(dtype).ok_or_else(|| {
             PyValueError::new_err(format!(
@@ -159,6 +160,7 @@ impl PyLoader {
             retries: http_retries,
             ..Default::default()
         };
+        cfg.raw = raw;
         let loader = Loader::new(cfg).map_err(to_py)?;
         let stats = loader.stats_handle();
         let fingerprint = loader.fingerprint();
@@ -224,6 +226,49 @@ impl PyLoader {
                         PyList::new(py, sizes)?.into_any(),
                         PyList::new(py, crops)?.into_any(),
                         PyList::new(py, m.flipped)?.into_any(),
+                        PyList::new(py, m.shards)?.into_any(),
+                    ];
+                    return Ok(Some(PyTuple::new(py, items)?));
+                }
+                Poll::Finished => return Ok(None),
+                Poll::Pending => py.check_signals()?,
+            }
+        }
+    }
+
+    /// Raw mode: the next batch as `(keys, captions, json_bytes, members, shards)` where `members` holds one
+    /// `{extension: bytes}` dict per sample, or None at the end.
+    fn next_raw_batch<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        loop {
+            let polled = py.detach(|| {
+                let mut l = lock(&self.inner);
+                if !l.config().raw {
+                    return Err(Error::Usage(
+                        "next_raw_batch needs a loader created with raw=True".into(),
+                    ));
+                }
+                l.poll_batch(&mut [], Duration::from_millis(200))
+            });
+            match polled.map_err(to_py)? {
+                Poll::Ready(m) => {
+                    let json: Vec<Option<Bound<'py, PyBytes>>> = m
+                        .json
+                        .iter()
+                        .map(|j| j.as_deref().map(|b| PyBytes::new(py, b)))
+                        .collect();
+                    let members = PyList::empty(py);
+                    for sample in &m.members {
+                        let d = PyDict::new(py);
+                        for (ext, bytes) in sample {
+                            d.set_item(ext, PyBytes::new(py, bytes))?;
+                        }
+                        members.append(d)?;
+                    }
+                    let items: Vec<Bound<'py, PyAny>> = vec![
+                        PyList::new(py, m.keys)?.into_any(),
+                        PyList::new(py, m.captions)?.into_any(),
+                        PyList::new(py, json)?.into_any(),
+                        members.into_any(),
                         PyList::new(py, m.shards)?.into_any(),
                     ];
                     return Ok(Some(PyTuple::new(py, items)?));

@@ -1,0 +1,326 @@
+"""``fastlcm.data.LatentShardLoader``: batches of cached VAE latents and text embeddings (``fastlcm precompute``).
+
+The Rust core runs in raw mode: it streams, groups, shuffles, splits by rank, checks each sample's
+``latent.safetensors`` framing in its worker threads and hands over the members' bytes, with the same order,
+resume and stats semantics as :class:`fastlcm.data.ShardLoader`. This module parses the tensors
+(``safetensors.torch.load``), checks them against the format and the caller's expectations, and stacks them into
+float32 batches.
+
+Latent shard format (one sample per source image; see the README section "Cached latents"):
+
+- ``KEY.latent.safetensors``: ``mean`` and ``std`` [4, R/8, R/8] (the VAE posterior of the crop, unscaled),
+  ``prompt_embeds`` [77, D], SDXL also ``pooled_embeds`` [1280]; metadata ``format=fastlcm-latents-1``,
+  ``family`` (sd|sdxl), ``resolution``, ``teacher``, ``scaling_factor``.
+- ``KEY.json``: ``caption``, ``original_size`` [h, w], ``crop`` [top, left], ``flipped``, ``resolution``,
+  ``source_shard``, ``source_key``. ``KEY.txt``: the caption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from fastlcm import _native
+from fastlcm.data.loader import LoaderError, _check_int, _env_int, _parse_json
+
+FORMAT = "fastlcm-latents-1"
+"""Value of the ``format`` metadata key of every latent file this version reads and writes."""
+LATENT_EXT = "latent.safetensors"
+FAMILIES = ("sd", "sdxl")
+
+
+class LatentFormatError(LoaderError):
+    """A latent sample is corrupt, not in the fastlcm format, or not what the loader expects (family,
+    resolution, tensor shapes). The message names the shard and the sample key."""
+
+
+@dataclass
+class LatentBatch:
+    """One fixed-shape batch of cached latents, samples in stream order."""
+
+    latent_mean: torch.Tensor
+    """float32 [B, 4, R/8, R/8]: VAE posterior mean (unscaled); pinned if pin_memory."""
+    latent_std: torch.Tensor
+    """float32 [B, 4, R/8, R/8]: VAE posterior standard deviation (unscaled)."""
+    prompt_embeds: torch.Tensor
+    """float32 [B, 77, D]: the teacher's text embeddings of the caption (SDXL: D = both encoders)."""
+    pooled_embeds: torch.Tensor | None
+    """float32 [B, P] pooled text embeddings (SDXL), None for SD."""
+    keys: list[str]
+    """Key of each sample in the latent shards."""
+    captions: list[str]
+    """Caption (from .txt; the json's caption when there is no .txt)."""
+    json: list[dict | None]
+    """Parsed .json member of each sample."""
+    original_sizes: torch.Tensor
+    """int64 [B, 2]: (height, width) of the source image (from the json)."""
+    crop_coords: torch.Tensor
+    """int64 [B, 2]: (top, left) of the crop in the resized source image (from the json)."""
+    flipped: torch.Tensor
+    """bool [B]: whether the crop was flipped horizontally before encoding."""
+    shards: list[str]
+    """Latent shard URL/path each sample came from."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` dict of a safetensors file's bytes (``{}`` when absent)."""
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes: too short for a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("__metadata__ is not a JSON object")
+    return meta
+
+
+@dataclass
+class _Sample:
+    family: str
+    resolution: int
+    tensors: dict[str, torch.Tensor]
+    meta_json: dict
+    caption: str
+
+
+class LatentShardLoader:
+    """Streams latent shards written by ``fastlcm precompute`` into :class:`LatentBatch` objects.
+
+    Arguments mean what they mean for :class:`fastlcm.data.ShardLoader`. ``on_error="skip"`` skips and counts
+    samples whose safetensors member is damaged (``stats()["skipped"]["corrupt_latent"]``) or missing
+    (``missing_latent``); ``"raise"`` raises :class:`LatentFormatError` naming the shard and member. A sample
+    that is well-formed but of another format, family or resolution than ``expect_family`` /
+    ``expect_resolution`` (or than the first sample, when they are None) is a configuration error: it always
+    raises :class:`LatentFormatError` naming the shard and key.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        threads: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        resampled: bool = False,
+        epochs: int | None = 1,
+        pin_memory: bool | None = None,
+        on_error: str = "skip",
+        expect_family: str | None = None,
+        expect_resolution: int | None = None,
+    ):
+        if isinstance(shards, (str, os.PathLike)):
+            specs = [os.fspath(shards)]
+        elif isinstance(shards, Sequence) and shards and all(isinstance(s, (str, os.PathLike)) for s in shards):
+            specs = [os.fspath(s) for s in shards]
+        else:
+            raise ValueError(f"shards must be a spec string or a non-empty list of them, got {shards!r}")
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        _check_int("shuffle_buffer", shuffle_buffer, 0)
+        if threads is None:
+            try:
+                threads = min(4, len(os.sched_getaffinity(0)))  # the raw-mode check is cheap
+            except AttributeError:  # not Linux
+                threads = min(4, os.cpu_count() or 1)
+        self.threads = _check_int("threads", threads, 1)
+        self.rank = _check_int("rank", _env_int("RANK", 0) if rank is None else rank, 0)
+        self.world_size = _check_int("world_size", _env_int("WORLD_SIZE", 1) if world_size is None else world_size, 1)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be < world_size, got rank={self.rank}, world_size={self.world_size}")
+        if epochs is not None:
+            _check_int("epochs", epochs, 1)
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if expect_family is not None and expect_family not in FAMILIES:
+            raise ValueError(f"expect_family must be one of {FAMILIES} or None, got {expect_family!r}")
+        if expect_resolution is not None:
+            _check_int("expect_resolution", expect_resolution, 8)
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        elif pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory=True needs a CUDA device (torch.cuda.is_available() is False)")
+        self.pin_memory = bool(pin_memory)
+        self.expect_family, self.expect_resolution = expect_family, expect_resolution
+        self._layout: dict[str, tuple] | None = None  # tensor shapes of the first sample; every later one must match
+        self._layout_from = ""
+        self._pid = os.getpid()
+        self._exhausted = False
+        self._native = _native.Loader(
+            specs, self.batch_size, 8, seed=seed & 0xFFFF_FFFF_FFFF_FFFF, shuffle_buffer=shuffle_buffer,
+            threads=self.threads, rank=self.rank, world_size=self.world_size, resampled=bool(resampled),
+            epochs=epochs, crop="random", random_flip=False, dtype="uint8", on_error=on_error,
+            min_original_width=0, min_original_height=0, max_pwatermark=None, max_consecutive_rejections=10000,
+            dct_scaling=False, prefetch_batches=2, http_timeout_s=30.0, http_retries=3, raw=True,
+        )
+
+    @property
+    def urls(self) -> list[str]:
+        """All shard URLs after brace expansion (before the split across ranks)."""
+        return self._native.urls()
+
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid:
+            raise LoaderError(
+                f"LatentShardLoader was created in process {self._pid} and used in process {os.getpid()} after a "
+                "fork; its Rust threads do not exist in the child. Create the loader in the process that iterates it."
+            )
+
+    def __iter__(self) -> Iterator[LatentBatch]:
+        self._check_fork()
+        if self._exhausted:
+            self._native.reset()
+            self._exhausted = False
+        return self._batches()
+
+    def _batches(self) -> Iterator[LatentBatch]:
+        while True:
+            batch = self.next_batch()
+            if batch is None:
+                return
+            yield batch
+
+    def _parse(self, members: dict[str, bytes], raw_json: bytes | None, caption: str, key: str,
+               shard: str) -> _Sample:
+        def fail(why: str) -> LatentFormatError:
+            return LatentFormatError(f"{shard}: sample {key!r} ({key}.{LATENT_EXT}): {why}")
+
+        data = members[LATENT_EXT]
+        try:
+            meta = read_metadata(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise fail(f"unreadable safetensors header: {e}") from None
+        if meta.get("format") != FORMAT:
+            raise fail(f"metadata format is {meta.get('format')!r}, expected {FORMAT!r} "
+                       "(latent shards are written by `fastlcm precompute`)")
+        family, res_text = meta.get("family"), meta.get("resolution", "")
+        if family not in FAMILIES:
+            raise fail(f"metadata family is {family!r}, expected one of {FAMILIES}")
+        if not res_text.isdigit() or int(res_text) % 8 or int(res_text) == 0:
+            raise fail(f"metadata resolution {res_text!r} is not a positive multiple of 8")
+        resolution = int(res_text)
+        if self.expect_family is not None and family != self.expect_family:
+            raise fail(f"family {family!r} but the loader expects {self.expect_family!r} "
+                       "(these latents come from another teacher family)")
+        if self.expect_resolution is not None and resolution != self.expect_resolution:
+            raise fail(f"resolution {resolution} but the loader expects {self.expect_resolution} "
+                       "(precompute again with --resolution, or train at the cached resolution)")
+        from safetensors.torch import load
+
+        try:
+            tensors = load(data)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise fail(f"cannot load tensors: {e}") from None
+        need = ["mean", "std", "prompt_embeds"] + (["pooled_embeds"] if family == "sdxl" else [])
+        missing = [n for n in need if n not in tensors]
+        if missing:
+            raise fail(f"missing tensor(s) {missing} (has {sorted(tensors)})")
+        lat = (4, resolution // 8, resolution // 8)
+        for name, ok, want in [
+            ("mean", tuple(tensors["mean"].shape) == lat, f"{list(lat)}"),
+            ("std", tuple(tensors["std"].shape) == lat, f"{list(lat)}"),
+            ("prompt_embeds", tensors["prompt_embeds"].ndim == 2, "[tokens, dim]"),
+            ("pooled_embeds", family == "sd" or tensors["pooled_embeds"].ndim == 1, "[dim]"),
+        ]:
+            if not ok:
+                raise fail(f"tensor {name} has shape {list(tensors[name].shape)}, expected {want}")
+        info = _parse_json(raw_json)
+        if info is None:
+            raise fail("missing or unreadable .json member (needs original_size, crop, flipped)")
+        try:
+            sizes = [int(v) for v in info["original_size"]]
+            crop = [int(v) for v in info["crop"]]
+            flipped = bool(info.get("flipped", False))
+            if len(sizes) != 2 or len(crop) != 2:
+                raise ValueError("original_size and crop must have two values")
+        except (KeyError, TypeError, ValueError) as e:
+            raise fail(f".json member lacks a valid original_size / crop: {e}") from None
+        info = {**info, "original_size": sizes, "crop": crop, "flipped": flipped}
+        if not caption and isinstance(info.get("caption"), str):
+            caption = info["caption"]
+        return _Sample(family, resolution, tensors, info, caption)
+
+    def _check_layout(self, s: _Sample, key: str, shard: str) -> None:
+        layout = {"family": (s.family,), "resolution": (s.resolution,),
+                  **{n: tuple(t.shape) for n, t in s.tensors.items() if n in
+                     ("mean", "std", "prompt_embeds", "pooled_embeds")}}
+        if self._layout is None:
+            self._layout, self._layout_from = layout, f"{shard}: sample {key!r}"
+        elif layout != self._layout:
+            diff = {k: (layout.get(k), self._layout.get(k)) for k in set(layout) | set(self._layout)
+                    if layout.get(k) != self._layout.get(k)}
+            raise LatentFormatError(
+                f"{shard}: sample {key!r} ({key}.{LATENT_EXT}) does not match the earlier samples "
+                f"(first seen: {self._layout_from}): (this, earlier) = {diff}; mixed teachers or resolutions "
+                "in one latent dataset are not supported")
+
+    def next_batch(self) -> LatentBatch | None:
+        """The next batch, or None at the end of the stream."""
+        self._check_fork()
+        try:
+            meta = self._native.next_raw_batch()
+        except _native.DecodeError as e:
+            raise LatentFormatError(str(e)) from e
+        if meta is None:
+            self._exhausted = True
+            return None
+        keys, captions, raw_json, members, shards = meta
+        samples = []
+        for i, key in enumerate(keys):
+            s = self._parse(members[i], raw_json[i], captions[i], key, shards[i])
+            self._check_layout(s, key, shards[i])
+            samples.append(s)
+        b = len(samples)
+
+        def stack(name: str) -> torch.Tensor:
+            shape = (b, *samples[0].tensors[name].shape)
+            out = torch.empty(shape, dtype=torch.float32, pin_memory=self.pin_memory)
+            for i, s in enumerate(samples):
+                out[i].copy_(s.tensors[name])
+            return out
+
+        return LatentBatch(
+            latent_mean=stack("mean"),
+            latent_std=stack("std"),
+            prompt_embeds=stack("prompt_embeds"),
+            pooled_embeds=stack("pooled_embeds") if samples[0].family == "sdxl" else None,
+            keys=keys,
+            captions=[s.caption for s in samples],
+            json=[s.meta_json for s in samples],
+            original_sizes=torch.tensor([s.meta_json["original_size"] for s in samples], dtype=torch.int64),
+            crop_coords=torch.tensor([s.meta_json["crop"] for s in samples], dtype=torch.int64),
+            flipped=torch.tensor([s.meta_json["flipped"] for s in samples], dtype=torch.bool),
+            shards=shards,
+        )
+
+    def state_dict(self) -> dict:
+        """JSON-serializable position after the last returned batch (plus a fingerprint of the config)."""
+        self._check_fork()
+        return json.loads(self._native.state_json())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume a loader with the same configuration exactly after the last batch its state_dict saw."""
+        self._check_fork()
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(state).__name__}")
+        self._native.load_state_json(json.dumps(state))
+        self._exhausted = False
+
+    def stats(self) -> dict[str, Any]:
+        """Counters as ShardLoader's; ``skipped`` has ``corrupt_latent`` / ``missing_latent`` instead of the
+        image reasons (and no ``missing_caption``: a caption is optional here)."""
+        return json.loads(self._native.stats_json())
+
+    def __repr__(self) -> str:
+        return (f"LatentShardLoader({len(self.urls)} shards, batch_size={self.batch_size}, "
+                f"rank={self.rank}/{self.world_size}, threads={self.threads})")

@@ -1,0 +1,406 @@
+"""`fastlcm precompute`: encode image shards once into latent shards (VAE posterior + text embeddings).
+
+Reads the images with :class:`fastlcm.data.ShardLoader` (one pass, no shuffle: deterministic; the crop and flip
+of each image come from ``--seed`` and its stream position, as in training), encodes each crop's VAE posterior
+(mean, std — unscaled) and the caption's text embeddings with the teacher's own encoders, and writes WebDataset
+shards that :class:`fastlcm.data.LatentShardLoader` reads and ``fastlcm train --precomputed_latents`` trains on
+without running the VAE or the text encoders. Format: :mod:`fastlcm.data.latents`.
+
+Every shard is written under a temporary name and renamed when complete, so an interrupted run never leaves a
+truncated ``.tar`` under a final name. Under ``accelerate launch`` / ``torchrun`` (WORLD_SIZE > 1) each process
+reads its share of the source shards and writes ``r{rank:03d}-{i:05d}.tar``; rank 0 writes ``precompute.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from fastlcm.config import ConfigError
+
+LATENT_DTYPES = ("float16", "float32", "bfloat16")
+MANIFEST = "precompute.json"
+
+
+@dataclass
+class PrecomputeOptions:
+    """What `fastlcm precompute` does (one field per flag)."""
+
+    teacher: str
+    """Teacher diffusers folder or Hub id (its VAE and text encoders are used)."""
+    shards: str
+    """Source image shards (any ShardLoader spec)."""
+    out: str
+    """Output folder for the latent shards and precompute.json."""
+    resolution: int | None = None
+    """Crop side in pixels (default: the teacher UNet's sample_size × 8)."""
+    batch_size: int = 32
+    """Images per VAE / text-encoder forward."""
+    samples_per_shard: int = 1000
+    """Samples per output shard."""
+    latent_dtype: str = "float16"
+    """Stored tensor dtype: float16, float32 or bfloat16 (the loader returns float32)."""
+    center_crop: bool = False
+    """Center crop instead of a random crop."""
+    random_flip: bool = False
+    """Flip each crop horizontally with probability 1/2 before encoding."""
+    threads: int | None = None
+    """Image decode threads (default: all CPUs)."""
+    device: str | None = None
+    """cuda or cpu (default: cuda when available; under a launcher, this process's GPU)."""
+    mixed_precision: str = "no"
+    """no | fp16 | bf16: text encoders in this dtype; the VAE too under bf16 (SD only) or with --vae."""
+    max_samples: int | None = None
+    """Stop after this many samples per process (default: all)."""
+    seed: int = 0
+    """Seed of the crops and flips."""
+    overwrite: bool = False
+    """Replace the latent shards and manifest of an earlier run in --out."""
+    vae: str | None = None
+    """A VAE folder / Hub id to use instead of the teacher's (e.g. an fp16-safe SDXL VAE)."""
+
+    def validate(self) -> "PrecomputeOptions":
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise ConfigError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        for flag, v in (("--batch-size", self.batch_size), ("--samples-per-shard", self.samples_per_shard)):
+            if v < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {v}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"--max-samples must be >= 1, got {self.max_samples}")
+        if self.latent_dtype not in LATENT_DTYPES:
+            raise ConfigError(f"--latent-dtype must be one of {LATENT_DTYPES}, got {self.latent_dtype!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"--device must be cuda or cpu, got {self.device!r}")
+        from fastlcm.config import _check_model_location
+
+        _check_model_location("--teacher", self.teacher)
+        if self.vae:
+            _check_model_location("--vae", self.vae)
+        return self
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", required=True, metavar="DIR", help="teacher diffusers folder or Hub id")
+    parser.add_argument("--shards", required=True, metavar="SPEC", help="source image shards (brace spec, URL, ...)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder for the latent shards")
+    parser.add_argument("--resolution", type=int, default=None, help="crop size (default: teacher sample_size*8)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per encoder forward (default 32)")
+    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per output shard (1000)")
+    parser.add_argument("--latent-dtype", choices=LATENT_DTYPES, default="float16", help="stored dtype (float16)")
+    parser.add_argument("--center-crop", action="store_true", help="center crop instead of random crop")
+    parser.add_argument("--random-flip", action="store_true", help="random horizontal flip before encoding")
+    parser.add_argument("--threads", type=int, default=None, help="image decode threads (default: all CPUs)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                        help="encoder dtype (default no = fp32)")
+    parser.add_argument("--max-samples", type=int, default=None, help="stop after N samples per process")
+    parser.add_argument("--seed", type=int, default=0, help="seed of crops and flips (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's output in --out")
+    parser.add_argument("--vae", default=None, metavar="DIR", help="VAE to use instead of the teacher's")
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = PrecomputeOptions(
+        teacher=args.teacher, shards=args.shards, out=args.out, resolution=args.resolution,
+        batch_size=args.batch_size, samples_per_shard=args.samples_per_shard, latent_dtype=args.latent_dtype,
+        center_crop=args.center_crop, random_flip=args.random_flip, threads=args.threads, device=args.device,
+        mixed_precision=args.mixed_precision, max_samples=args.max_samples, seed=args.seed,
+        overwrite=args.overwrite, vae=args.vae)
+    from fastlcm.data import LoaderError
+
+    try:
+        manifest = precompute(opts)
+    except (ConfigError, LoaderError, FileExistsError) as e:
+        print(f"fastlcm precompute: error: {e}", file=sys.stderr)
+        return 1
+    if manifest is not None:
+        print(f"wrote {manifest['count']} samples in {len(manifest['shards'])} shard(s) to {opts.out}")
+        print(f"train with: fastlcm train ... --train_shards_path_or_url '{manifest['spec']}' --precomputed_latents "
+              f"--resolution {manifest['resolution']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Encoders
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class Encoder:
+    """The teacher's VAE and text conditioner (no UNet is loaded)."""
+
+    def __init__(self, opts: PrecomputeOptions, device):
+        import torch
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        from fastlcm import models
+        from fastlcm.config import TrainConfig
+
+        self.device = torch.device(device)
+        cfg = TrainConfig(pretrained_teacher_model=opts.teacher)
+        try:
+            self.family = models.detect_family(cfg)
+        except OSError as e:
+            raise ConfigError(f"--teacher: cannot read {opts.teacher}: {e}") from e
+        src = dict(pretrained_model_name_or_path=opts.teacher)
+        if opts.resolution is None:
+            from diffusers import UNet2DConditionModel
+
+            opts.resolution = int(UNet2DConditionModel.load_config(subfolder="unet", **src)["sample_size"]) * 8
+        self.resolution = opts.resolution
+        vae = AutoencoderKL.from_pretrained(opts.vae) if opts.vae else AutoencoderKL.from_pretrained(
+            subfolder="vae", **src)
+        text = CLIPTextModel.from_pretrained(subfolder="text_encoder", **src)
+        extra = {}
+        if self.family == "sdxl":
+            extra = dict(tokenizer_2=CLIPTokenizer.from_pretrained(subfolder="tokenizer_2", **src),
+                         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(subfolder="text_encoder_2", **src))
+        wd = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
+        # Same placement rule as training (models.place_frozen): the SDXL VAE overflows in fp16.
+        half_vae = (wd == torch.bfloat16 and self.family == "sd") or (opts.vae is not None and wd != torch.float32)
+        self.vae_dtype = wd if half_vae else torch.float32
+        for m, dtype in ((vae, self.vae_dtype), (text, wd), (extra.get("text_encoder_2"), wd)):
+            if m is not None:
+                m.requires_grad_(False).eval().to(self.device, dtype=dtype)
+        self.vae, self.scaling_factor = vae, float(vae.config.scaling_factor)
+        tokenizer = CLIPTokenizer.from_pretrained(subfolder="tokenizer", **src)
+        teacher = models.Teacher(family=self.family, unet=None, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                                 noise_scheduler=None, scheduler_config={}, **extra)
+        self.text = models.text_conditioner_for(teacher, self.device, TrainConfig(
+            pretrained_teacher_model=opts.teacher, resolution=self.resolution))
+
+    def encode(self, pixels, captions: list[str], batch: Any) -> dict[str, Any]:
+        """{"mean", "std", "prompt_embeds"[, "pooled_embeds"]}: float32 CPU tensors, one row per image."""
+        import torch
+
+        with torch.inference_mode():
+            dist = self.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
+            cond = self.text.encode(captions, batch)
+            out = {"mean": dist.mean, "std": dist.std, "prompt_embeds": cond.prompt_embeds}
+            if self.family == "sdxl":
+                out["pooled_embeds"] = cond.added["text_embeds"]
+            return {k: v.float().cpu() for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _ours(p: Path) -> bool:
+    n = p.name
+    return p.is_file() and (n.endswith(".tar") or n.endswith(".tar.tmp") or n == MANIFEST
+                            or (n.startswith(".precompute.rank") and n.endswith(".json")))
+
+
+def prepare_out(out: str | os.PathLike, overwrite: bool, clean: bool = True) -> Path:
+    """Create --out; refuse a non-empty one unless ``overwrite`` (which removes an earlier run's files only).
+
+    Every rank checks (so all of them fail together instead of waiting for rank 0); only ``clean`` removes.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    entries = list(out.iterdir())
+    if entries and not overwrite:
+        raise FileExistsError(f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0].name}); "
+                              "pass --overwrite to replace an earlier precompute run, or choose another folder")
+    for p in entries if clean else ():
+        if _ours(p):
+            p.unlink()
+    return out
+
+
+class ShardWriter:
+    """Writes samples into ``out/{prefix}{i:05d}.tar``; each shard is a ``.tmp`` file until it is complete."""
+
+    def __init__(self, out: Path, prefix: str, samples_per_shard: int):
+        self.out, self.prefix, self.per = out, prefix, samples_per_shard
+        self.names: list[str] = []
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+        self._count = 0
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        if self._tar is None:
+            name = f"{self.prefix}{len(self.names):05d}.tar"
+            self._tmp = self.out / f".{name}.tmp"
+            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+            self._name, self._count = name, 0
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        if self._count == self.per:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._tar.close()
+        with open(self._tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self._tmp, self.out / self._name)
+        self.names.append(self._name)
+        self._tar = self._tmp = None
+
+    def close(self) -> None:
+        """Finish the last (partial) shard."""
+        if self._tar is not None:
+            self._finish()
+
+    def abort(self) -> None:
+        """Drop the shard in progress (its temporary file); finished shards stay."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = self._tmp = None
+
+
+def sample_members(tensors: dict[str, Any], i: int, meta: dict[str, str], info: dict) -> list[tuple[str, bytes]]:
+    """The members of one latent sample: safetensors of row ``i`` of each tensor, json, txt."""
+    from safetensors.torch import save
+
+    row = {k: v[i].contiguous().clone() for k, v in tensors.items()}
+    return [("latent.safetensors", save(row, metadata=meta)),
+            ("json", json.dumps(info).encode()),
+            ("txt", info["caption"].encode())]
+
+
+def write_rank(opts: PrecomputeOptions, encoder: Encoder, rank: int = 0, world_size: int = 1,
+               progress: bool = True) -> dict:
+    """Encode this rank's share of --shards into latent shards in --out; returns (and saves) its manifest."""
+    import torch
+    from tqdm import tqdm
+
+    from fastlcm.data import ShardLoader
+
+    out, r = Path(opts.out), encoder.resolution
+    dtype = getattr(torch, opts.latent_dtype)
+    meta = {"format": "fastlcm-latents-1", "family": encoder.family, "resolution": str(r),
+            "teacher": opts.teacher, "scaling_factor": repr(encoder.scaling_factor)}
+    prefix = f"r{rank:03d}-" if world_size > 1 else ""
+    loader = ShardLoader(opts.shards, 1, r, seed=opts.seed, shuffle_buffer=0, threads=opts.threads, rank=rank,
+                         world_size=world_size, epochs=1, crop="center" if opts.center_crop else "random",
+                         random_flip=opts.random_flip, pin_memory=False, prefetch_batches=max(2, 2 * opts.batch_size))
+    writer = ShardWriter(out, prefix, opts.samples_per_shard)
+    bar = tqdm(total=opts.max_samples, unit="img", desc=f"precompute (rank {rank})" if world_size > 1 else
+               "precompute", disable=not progress, file=sys.stderr)
+    count, pending = 0, []
+    try:
+        it = iter(loader)
+        while True:
+            item = next(it, None) if (opts.max_samples is None or count + len(pending) < opts.max_samples) else None
+            if item is not None:
+                pending.append(item)
+            if pending and (item is None or len(pending) == opts.batch_size):
+                count += _encode_and_write(pending, encoder, writer, meta, dtype, prefix, count, r)
+                bar.update(len(pending))
+                pending = []
+            if item is None:
+                break
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    if count == 0:
+        raise ConfigError(f"--shards {opts.shards}: rank {rank} read no image (stats: {loader.stats()})")
+    manifest = {"rank": rank, "count": count, "shards": writer.names, "prefix": prefix, "stats": loader.stats()}
+    (out / f".precompute.rank{rank:03d}.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def _encode_and_write(items: list, encoder: Encoder, writer: ShardWriter, meta: dict, dtype, prefix: str,
+                      start: int, r: int) -> int:
+    import torch
+
+    pixels = torch.cat([b.pixels for b in items])
+    captions = [b.captions[0] for b in items]
+
+    rows = SimpleNamespace(original_sizes=torch.cat([b.original_sizes for b in items]),  # SDXL time ids
+                           crop_coords=torch.cat([b.crop_coords for b in items]))
+    tensors = {k: v.to(dtype) for k, v in encoder.encode(pixels, captions, rows).items()}
+    for i, b in enumerate(items):
+        info = {"caption": captions[i], "original_size": b.original_sizes[0].tolist(),
+                "crop": b.crop_coords[0].tolist(), "flipped": bool(b.flipped[0]), "resolution": r,
+                "source_shard": b.shards[0], "source_key": b.keys[0]}
+        writer.add(f"{prefix}{start + i:09d}", sample_members(tensors, i, meta, info))
+    return len(items)
+
+
+def shard_spec(out: Path, prefix: str, n: int) -> str:
+    """Brace spec of ``out/{prefix}00000.tar`` … ``{prefix}{n-1:05d}.tar``."""
+    return str(out / f"{prefix}00000.tar") if n == 1 else str(out / f"{prefix}{{00000..{n - 1:05d}}}.tar")
+
+
+def finalize(opts: PrecomputeOptions, encoder_family: str, resolution: int, world_size: int) -> dict:
+    """Merge the ranks' manifests into ``out/precompute.json`` (after every rank finished)."""
+    out = Path(opts.out)
+    ranks = []
+    for rank in range(world_size):
+        p = out / f".precompute.rank{rank:03d}.json"
+        if not p.is_file():
+            raise ConfigError(f"rank {rank} did not finish (no {p}); run precompute again with --overwrite")
+        ranks.append(json.loads(p.read_text()))
+    shards = [n for m in ranks for n in m["shards"]]
+    absolute = out.resolve()
+    manifest = {
+        "format": "fastlcm-latents-1", "teacher": opts.teacher, "family": encoder_family, "resolution": resolution,
+        "count": sum(m["count"] for m in ranks), "dtype": opts.latent_dtype, "shards": shards,
+        "spec": "::".join(shard_spec(absolute, m["prefix"], len(m["shards"])) for m in ranks),
+        "counts_per_rank": [m["count"] for m in ranks], "options": asdict(opts),
+    }
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    for rank in range(world_size):
+        (out / f".precompute.rank{rank:03d}.json").unlink()
+    return manifest
+
+
+def precompute(opts: PrecomputeOptions) -> dict | None:
+    """The whole command; returns the manifest on rank 0 (None on other ranks)."""
+    opts.validate()
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank, local = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("LOCAL_RANK", "0") or 0)
+    device = opts.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        device = f"cuda:{local}"
+    barrier = None
+    if world > 1:  # accelerate launch / torchrun: a CPU (gloo) group only to wait for each other
+        import torch.distributed as dist
+
+        owned = not dist.is_initialized()
+        if owned:
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+        barrier = dist.barrier
+    try:
+        return _precompute(opts, rank, world, device, barrier)
+    finally:
+        if world > 1 and owned:
+            dist.destroy_process_group()
+
+
+def _precompute(opts: PrecomputeOptions, rank: int, world: int, device: str, barrier) -> dict | None:
+    prepare_out(opts.out, opts.overwrite, clean=rank == 0)
+    if barrier is not None:
+        barrier()
+    encoder = Encoder(opts, device)
+    write_rank(opts, encoder, rank, world, progress=rank == 0)
+    if barrier is not None:
+        barrier()
+    return finalize(opts, encoder.family, encoder.resolution, world) if rank == 0 else None
