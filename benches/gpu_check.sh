@@ -83,7 +83,6 @@ ORDER=()
 stage() {
     local name=$1 cap=$2; shift 2
     ORDER+=("$name")
-    case " $STAGES " in *" $name "*) ;; *) RC[$name]=skip; SECS[$name]=0; echo "== $name: not in GPU_CHECK_STAGES"; return;; esac
     local left=$((BUDGET - (SECONDS - START)))
     [ "$cap" -gt "$left" ] && cap=$left
     if [ "$cap" -lt 20 ]; then RC[$name]="no time"; SECS[$name]=0; echo "== $name: skipped, budget spent"; return; fi
@@ -97,18 +96,30 @@ stage() {
     echo "== $name: rc ${RC[$name]}, ${SECS[$name]} s"
 }
 
-# shellcheck disable=SC2086
-stage tests ${GPU_CHECK_TESTS_CAP:-120} $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
-    ${GPU_CHECK_TESTS:-tests/test_kernels.py tests/test_kernels_gpu.py tests/test_train_gpu.py}
-cp "$WORK/tests.out" "$WORK/pytest.txt" 2>/dev/null; tail -n 3 "$WORK/tests.out" 2>/dev/null
+# run_stage NAME: one named stage (GPU_CHECK_STAGES lists them, in the order they run)
 # shellcheck disable=SC2086  # the *_ARGS strings are word-split on purpose
-stage kernels 50 $PY -m fastlcm bench kernels --no-compile --json --record "$OUT/kernels.csv" $KERNELS_ARGS
-stage kernels_graph 40 $PY -m fastlcm bench kernels --no-compile $KGRAPH --json --record "$OUT/kernels.csv" $KERNELS_ARGS
-stage kernels_compile 80 $PY -m fastlcm bench kernels --json --record "$OUT/kernels.csv" $KERNELS_ARGS --sizes "$KCOMPILE_SIZES"
-stage loader 60 $PY -m fastlcm bench loader $LOADER_ARGS --vs-webdataset --json --out-csv "$OUT/loader.csv"
-stage step_bf16 100 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision bf16 --json --out-csv "$OUT/step.csv"
-stage step_fp16 100 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision $FP16 --json --out-csv "$OUT/step.csv"
-stage step_matrix 330 $PY -m fastlcm bench step $MATRIX_ARGS --matrix "$MATRIX_SETS" --out-csv "$OUT/step.csv"
+run_stage() {
+    case $1 in
+    tests)
+        stage tests "${GPU_CHECK_TESTS_CAP:-120}" $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
+            ${GPU_CHECK_TESTS:-tests/test_kernels.py tests/test_kernels_gpu.py tests/test_train_gpu.py tests/test_precompute.py}
+        cp "$WORK/tests.out" "$WORK/pytest.txt" 2>/dev/null; tail -n 3 "$WORK/tests.out" 2>/dev/null ;;
+    kernels) stage kernels 50 $PY -m fastlcm bench kernels --no-compile --json --record "$OUT/kernels.csv" $KERNELS_ARGS ;;
+    kernels_graph) stage kernels_graph 40 $PY -m fastlcm bench kernels --no-compile $KGRAPH --json \
+        --record "$OUT/kernels.csv" $KERNELS_ARGS ;;
+    kernels_compile) stage kernels_compile 80 $PY -m fastlcm bench kernels --json --record "$OUT/kernels.csv" \
+        $KERNELS_ARGS --sizes "$KCOMPILE_SIZES" ;;
+    loader) stage loader 60 $PY -m fastlcm bench loader $LOADER_ARGS --vs-webdataset --json --out-csv "$OUT/loader.csv" ;;
+    step_bf16) stage step_bf16 100 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision bf16 --json \
+        --out-csv "$OUT/step.csv" ;;
+    step_fp16) stage step_fp16 100 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision $FP16 --json \
+        --out-csv "$OUT/step.csv" ;;
+    step_matrix) stage step_matrix "${GPU_CHECK_MATRIX_CAP:-360}" $PY -m fastlcm bench step $MATRIX_ARGS \
+        --matrix "$MATRIX_SETS" --out-csv "$OUT/step.csv" ;;
+    *) echo "== unknown stage $1 (GPU_CHECK_STAGES)"; ORDER+=("$1"); RC[$1]="unknown"; SECS[$1]=0 ;;
+    esac
+}
+for name in $STAGES; do run_stage "$name"; done
 
 # ---- one table ----
 {

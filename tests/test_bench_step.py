@@ -107,3 +107,43 @@ def test_random_teacher_has_the_published_architecture(family, tmp_path):
     else:
         assert teacher.family == "sd" and teacher.text_encoder_2 is None
     assert all(not p.requires_grad for p in teacher.unet.parameters())  # frozen like models.load_teacher leaves it
+
+
+def test_bench_step_cached_latents_input_skips_vae_and_text(capsys, one_torch_thread):
+    out = _bench(capsys, "--family", "tiny", "--input", "latents", "--optimizer-impl", "foreach", "--channels-last")
+    _check(out)
+    c = out["config"]
+    assert c["input"].startswith("cached latents") and out["loader_stats"] is None
+    assert (c["optimizer_impl"], c["channels_last"], c["levers"]) == ("foreach", True, "flags")
+    assert out["parts"]["vae_encode"] == 0 and out["parts"]["text_encode"] < out["parts"]["student_forward_backward"]
+
+
+def test_bench_step_matrix_runs_each_lever_set_once(capsys, tmp_path, one_torch_thread):
+    csv_path = tmp_path / "matrix.csv"
+    argv = ["bench", "step", "--family", "tiny", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+            "--parts-steps", "1", "--device", "cpu", "--input", "synthetic", "--out-csv", str(csv_path),
+            "--matrix", "reference-bf16,+uint8-prefetch", "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    sets = json.loads(capsys.readouterr().out)["sets"]
+    assert [s["config"]["levers"] for s in sets] == ["reference-bf16", "+uint8-prefetch"]
+    ref, cum = (s["config"] for s in sets)
+    assert (ref["optimizer_impl"], ref["loader_dtype"], ref["device_prefetch"]) == ("foreach", "float32", False)
+    # cumulative: +uint8-prefetch carries +fused-adam's change too
+    assert (cum["optimizer_impl"], cum["loader_dtype"], cum["device_prefetch"]) == ("fused", "uint8", True)
+    for s in sets:
+        _check(s)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["levers"] for r in rows] == ["reference-bf16", "+uint8-prefetch"]
+    assert rows[1]["loader_dtype"] == "uint8" and float(rows[0]["warmup_s"]) > 0
+    capsys.readouterr()
+    assert main(argv[:-1]) == 0  # the table
+    table = capsys.readouterr().out
+    assert "reference-bf16" in table and "+uint8-prefetch" in table and "vs prev" in table
+
+
+def test_bench_step_matrix_rejects_unknown_sets(capsys):
+    assert main(["bench", "step", "--family", "tiny", "--device", "cpu", "--matrix", "reference-bf16,+turbo"]) == 2
+    assert "+turbo" in capsys.readouterr().err
+    assert main(["bench", "step", "--family", "tiny", "--device", "cpu", "--matrix", "reference-fp16-ckpt"]) == 2
+    assert "CUDA" in capsys.readouterr().err

@@ -101,6 +101,8 @@ def test_preset_by_name_with_overrides(basics):
     (["--lr_scheduler", "cosine"], "--lr_scheduler cosine needs the run length"),
     (["--report_to", "wandb", "--hub_token", "x"], "--hub_token cannot be used"),
     (["--unet_time_cond_proj_dim", "7"], "--unet_time_cond_proj_dim must be even"),
+    (["--lora", "--compile_unets", "all"], "--compile_unets is not supported with LoRA"),
+    (["--precomputed_latents", "--loader_dtype", "uint8"], "--loader_dtype uint8 is for image shards"),
 ])
 def test_bad_values_name_the_flag(basics, extra, needle):
     with pytest.raises(ConfigError) as e:
@@ -145,3 +147,21 @@ def test_parser_module_does_not_import_torch():
 
     train.add_arguments(p)
     assert "--w_min" in p.format_help() and "--config" in p.format_help()
+
+
+def test_speed_lever_flags(basics):
+    cfg = load_config(basics)
+    assert (cfg.optimizer_impl, cfg.channels_last, cfg.compile_unets, cfg.compile_mode, cfg.loader_dtype,
+            cfg.device_prefetch, cfg.precomputed_latents) == ("auto", False, "none", "default", "auto", True, False)
+    assert (cfg.pixel_dtype(cuda=True), cfg.pixel_dtype(cuda=False)) == ("uint8", "float32")
+    cfg = load_config(basics + ["--optimizer_impl", "foreach", "--channels_last", "--compile_unets", "student",
+                                "--compile_mode", "reduce-overhead", "--loader_dtype", "bfloat16",
+                                "--no-device_prefetch", "--precomputed_latents", "--loader_dtype", "float32"])
+    assert (cfg.optimizer_impl, cfg.channels_last, cfg.compile_unets, cfg.compile_mode, cfg.device_prefetch,
+            cfg.precomputed_latents, cfg.pixel_dtype(cuda=True)) == ("foreach", True, "student", "reduce-overhead",
+                                                                      False, True, "float32")
+    for flag, bad in (("--optimizer_impl", "apex"), ("--compile_unets", "teacher"), ("--loader_dtype", "fp8")):
+        with pytest.raises(SystemExit):  # argparse choices
+            load_config(basics + [flag, bad])
+    with pytest.raises(ConfigError, match="--optimizer_impl fused cannot be used with --use_8bit_adam"):
+        TrainConfig(**{**vars(load_config(basics)), "use_8bit_adam": True, "optimizer_impl": "fused"}).validate()

@@ -220,3 +220,53 @@ def test_first_grid_point_target_is_the_solver_output():
         for p in nets[3].parameters():
             p.mul_(-3.0)
     assert lcd_step(pixels, ["x", "y"], models, grid, settings, draws).loss.item() == pytest.approx(base, rel=1e-6)
+
+
+# ---- cached latents (fastlcm precompute → --precomputed_latents): the same loss as the image path ----
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_cached_latents_give_the_image_path_loss(tiny_teacher_factory, family):
+    """A LatentBatch-like object (duck-typed fields of the contract: unscaled posterior mean/std, the captions'
+    prompt embeddings, SDXL pooled embeddings, sizes and crops) built from the same crops gives the same loss as the
+    image path with the same draws — including a caption dropped by --proportion_empty_prompts, which the image
+    path encodes as "" and the latent path must replace (its batch holds the original caption's embedding)."""
+    from types import SimpleNamespace
+
+    from fastlcm import models as fm
+    from fastlcm.config import TrainConfig
+    from fastlcm.lcd.step import TorchDraws
+
+    cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher_factory(family, "epsilon")), resolution=64)
+    teacher = fm.load_teacher(cfg)
+    torch.manual_seed(0)
+    student = fm.build_student(teacher.unet, D)
+    target = fm.build_target(student)
+    text = fm.text_conditioner_for(teacher, "cpu", cfg)
+    grid = SolverGrid.build(teacher.noise_scheduler.alphas_cumprod.to(torch.float64), N)
+    settings = LCDSettings(w_min=3.0, w_max=8.0, guidance_dim=D, loss_type="huber", vae_encode_batch_size=2)
+    captions = ["a red circle", "a blue square", "a photo of a cat"]
+    dropped = ["a red circle", "", "a photo of a cat"]  # what drop_captions hands the step
+    sizes, crops = torch.tensor([[64, 80], [96, 64], [64, 64]]), torch.tensor([[0, 7], [15, 0], [0, 0]])
+    pixels = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    image_batch = SimpleNamespace(original_sizes=sizes, crop_coords=crops)
+    nets = LCDModels(vae=teacher.vae, text=text, student=student, teacher=teacher.unet, target=target,
+                     prediction_type=teacher.prediction_type, scaling_factor=teacher.vae.config.scaling_factor)
+    image_loss = lcd_step(pixels, dropped, nets, grid, settings, TorchDraws("cpu", 5), image_batch).loss
+
+    with torch.no_grad():  # what `fastlcm precompute` stores for these crops (posterior per VAE chunk, as encoded)
+        posts = [teacher.vae.encode(part).latent_dist for part in pixels.split(2)]
+        cond = text.encode(captions, image_batch)
+    latent_batch = SimpleNamespace(
+        latent_mean=torch.cat([p.mean for p in posts]), latent_std=torch.cat([p.std for p in posts]),
+        prompt_embeds=cond.prompt_embeds.float(),
+        pooled_embeds=cond.added["text_embeds"].float() if cond.added else None,
+        original_sizes=sizes, crop_coords=crops, captions=captions)
+    cached = LCDModels(vae=None, text=fm.PrecomputedConditioner(text), student=student, teacher=teacher.unet,
+                       target=target, prediction_type=teacher.prediction_type,
+                       scaling_factor=teacher.vae.config.scaling_factor)
+    latent_loss = lcd_step(None, dropped, cached, grid, settings, TorchDraws("cpu", 5), latent_batch).loss
+    torch.testing.assert_close(latent_loss, image_loss, rtol=1e-5, atol=1e-7)
+    # the replacement matters: without it (the original caption's embedding) the loss differs
+    plain = lcd_step(None, captions, cached, grid, settings, TorchDraws("cpu", 5), latent_batch).loss
+    assert not torch.allclose(plain, image_loss, rtol=1e-5, atol=1e-7)

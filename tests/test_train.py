@@ -222,6 +222,10 @@ def test_loader_options_follow_the_flags(tiny_teacher_factory, shards, tmp_path,
     assert seen["args"] == (str(shards), 2, 64)
     kw = seen["kw"]
     assert (kw["crop"], kw["random_flip"], kw["threads"], kw["rank"], kw["world_size"]) == ("center", True, 3, 1, 4)
+    assert kw["dtype"] == ("uint8" if torch.cuda.is_available() else "float32")  # --loader_dtype auto
+    make_shard_loader(_cfg(tiny_teacher_factory("sd", "epsilon"), shards, tmp_path, "--loader_dtype", "bfloat16"),
+                      0, 1, None, 0)
+    assert seen["kw"]["dtype"] == "bfloat16"
 
 
 class _OneProcess:
@@ -264,3 +268,111 @@ def test_crash_while_saving_never_leaves_a_broken_latest(tmp_path):
     with pytest.raises(CheckpointError, match="not a complete fastlcm checkpoint"):
         resolve_resume(str(tmp_path / "checkpoint-6"), tmp_path)
     assert resolve_resume("latest", tmp_path / "empty") is None
+
+
+# ---- speed levers: same math ----
+
+
+class Uint8Loader(FakeLoader):
+    """FakeLoader's batches quantized to what a uint8 loader hands over (0..255)."""
+
+    def __iter__(self):
+        for b in super().__iter__():
+            yield SimpleNamespace(pixels=((b.pixels + 1) * 127.5).round().to(torch.uint8), keys=b.keys, captions=b.captions)
+
+
+class QuantizedFloatLoader(FakeLoader):
+    """The same quantized pixels as float32 in [-1, 1] (what a float32 loader hands over for them)."""
+
+    def __iter__(self):
+        for b in super().__iter__():
+            yield SimpleNamespace(pixels=((b.pixels + 1) * 127.5).round() / 127.5 - 1, keys=b.keys, captions=b.captions)
+
+
+def test_uint8_pixels_normalized_on_device_train_like_float(tiny_teacher_factory, shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTLCM_KERNELS", "torch")
+    teacher = tiny_teacher_factory("sd", "epsilon")
+    runs = {}
+    for name, loader in (("float", QuantizedFloatLoader), ("uint8", Uint8Loader)):
+        out = tmp_path / name
+        train(_cfg(teacher, shards, out, "--max_train_steps", "2", "--checkpointing_steps", "100"), loader_factory=loader)
+        runs[name] = _losses(out)
+    assert runs["uint8"] == pytest.approx(runs["float"], rel=1e-6)
+
+
+def test_fused_adam_and_channels_last_keep_the_loss_curve(straight, tiny_teacher_factory, shards, tmp_path, monkeypatch):
+    """CPU has fused AdamW too: with channels_last UNets the first steps follow the golden run's curve (different
+    kernels, so only up to float rounding)."""
+    monkeypatch.setenv("FASTLCM_KERNELS", "torch")
+    cfg = _cfg(tiny_teacher_factory("sd", "epsilon"), shards, tmp_path, "--max_train_steps", "3",
+               "--checkpointing_steps", "100", "--optimizer_impl", "fused", "--channels_last")
+    train(cfg, loader_factory=FakeLoader)
+    got, want = _losses(tmp_path), _losses(straight.out)
+    for s in (1, 2, 3):
+        assert got[s] == pytest.approx(want[s], rel=1e-3), s
+
+
+def test_optimizer_impl_picks_the_kernel(tiny_teacher_factory, shards, tmp_path):
+    from fastlcm.train import _optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    base = ("--max_train_steps", "1")
+    auto = _optimizer(_cfg(tiny_teacher_factory("sd", "epsilon"), shards, tmp_path, *base), params, 1e-4)
+    assert not auto.defaults.get("fused") and not auto.defaults.get("foreach")  # CPU: PyTorch's default
+    for impl in ("fused", "foreach"):
+        opt = _optimizer(_cfg(tiny_teacher_factory("sd", "epsilon"), shards, tmp_path, *base, "--optimizer_impl", impl),
+                         params, 1e-4)
+        assert opt.defaults[impl] is True, impl
+
+
+def test_batch_mover_normalizes_uint8_and_moves_latents():
+    from fastlcm.train import BatchMover
+
+    mover = BatchMover("cpu", side_stream=True)  # no CUDA: the side stream is a no-op
+    assert mover.stream is None
+    u8 = torch.tensor([0, 1, 127, 128, 254, 255], dtype=torch.uint8).reshape(1, 1, 2, 3)
+    out = mover(SimpleNamespace(pixels=u8, captions=["a"], keys=["k"]))
+    want = (u8.double() / 255 - 0.5) / 0.5  # the loader's float normalization
+    assert out.pixels.dtype == torch.float32 and torch.allclose(out.pixels.double(), want, atol=1e-6)
+    assert out.pixels.min() == -1 and out.pixels.max() == 1 and out.captions == ["a"] and out.keys == ["k"]
+    f32 = torch.rand(1, 3, 2, 2)
+    assert mover(SimpleNamespace(pixels=f32, captions=["a"])).pixels is f32  # already on the device: no copy
+    lat = SimpleNamespace(latent_mean=torch.ones(2, 4, 1, 1, dtype=torch.float16), latent_std=torch.ones(2, 4, 1, 1),
+                          prompt_embeds=torch.zeros(2, 3, 5), pooled_embeds=None, captions=["a", "b"],
+                          original_sizes=torch.tensor([[8, 8], [8, 8]]), crop_coords=torch.zeros(2, 2))
+    out = mover(lat)
+    assert out.pixels is None and out.pooled_embeds is None and out.latent_mean.dtype == torch.float32
+    assert out.prompt_embeds.shape == (2, 3, 5) and out.original_sizes is lat.original_sizes
+
+
+def test_latent_loader_for_precomputed_latents(tiny_teacher_factory, shards, tmp_path, monkeypatch):
+    import fastlcm.data.latents
+    from fastlcm.train import make_shard_loader
+
+    seen = {}
+    monkeypatch.setattr(fastlcm.data.latents, "LatentShardLoader", lambda *a, **kw: seen.update(args=a, kw=kw))
+    cfg = _cfg(tiny_teacher_factory("sdxl", "epsilon"), shards, tmp_path, "--precomputed_latents")
+    make_shard_loader(cfg, 1, 2, 3, 9)
+    assert seen["args"] == (str(shards), 2)
+    kw = seen["kw"]
+    assert (kw["rank"], kw["world_size"], kw["epochs"], kw["seed"]) == (1, 2, 3, 9)
+    assert (kw["expect_family"], kw["expect_resolution"]) == ("sdxl", 64)
+
+
+def test_train_refuses_an_accelerate_state_with_other_mixed_precision(tiny_teacher_factory, shards, tmp_path):
+    """Accelerate's process-wide state keeps the mixed precision it was first made with; training silently in
+    bf16 when --mixed_precision no was asked for would be wrong, so train() says so instead."""
+    from accelerate import Accelerator
+
+    from fastlcm.bench.step import reset_accelerate
+    from fastlcm.config import ConfigError
+
+    reset_accelerate()
+    try:
+        Accelerator(cpu=True, mixed_precision="bf16")
+        cfg = _cfg(tiny_teacher_factory("sd", "epsilon"), shards, tmp_path, "--max_train_steps", "1")  # unset: "no"
+        with pytest.raises(ConfigError, match="already initialized in this process with mixed_precision=bf16"):
+            train(cfg, loader_factory=FakeLoader)
+        assert not (tmp_path / "checkpoint-1").exists()
+    finally:
+        reset_accelerate()

@@ -125,3 +125,38 @@ def test_two_processes_see_different_samples(tiny_sd_teacher, shard_dir, tmp_pat
     state = json.loads((out / "checkpoint-2" / "fastlcm_state.json").read_text())
     assert state["world_size"] == 2 and {p.name for p in (out / "checkpoint-2").glob("rank*.pt")} == {"rank0.pt", "rank1.pt"}
     assert (out / "unet" / "config.json").is_file()
+
+
+def test_train_from_precomputed_latents_equals_training_from_images(tiny_sd_teacher, shard_dir, tmp_path, monkeypatch):
+    """`fastlcm precompute` (float32, center crop) then `fastlcm train --precomputed_latents`: with the samples in
+    the same order (no shuffling) the loss curve is the image path's — the cached posterior is sampled with the
+    same draw as the VAE path — including captions dropped by --proportion_empty_prompts."""
+    _needs_loader()
+    monkeypatch.setenv("FASTLCM_KERNELS", "torch")
+    from fastlcm.data.latents import LatentShardLoader
+    from fastlcm.precompute import PrecomputeOptions, precompute
+
+    spec = str(shard_dir / "shard-{00000..00003}.tar")
+    manifest = precompute(PrecomputeOptions(teacher=str(tiny_sd_teacher), shards=spec, out=str(tmp_path / "lat"),
+                                            batch_size=4, samples_per_shard=8, latent_dtype="float32",
+                                            center_crop=True, device="cpu", threads=1))
+    latent_spec = str(Path(manifest["spec"]) if Path(manifest["spec"]).is_absolute() else tmp_path / "lat" / manifest["spec"])
+    common = ["--shuffle_buffer", "0", "--center_crop", "--max_train_steps", "3", "--checkpointing_steps", "2",
+              "--proportion_empty_prompts", "0.3", "--debug_log_keys"]
+    images, latents = tmp_path / "images", tmp_path / "latents"
+    assert main(_base(tiny_sd_teacher, shard_dir, images) + common) == 0
+    # validation renders with the VAE / text encoder, parked on the CPU during latent training
+    argv = _base(tiny_sd_teacher, shard_dir, latents) + common + ["--precomputed_latents", "--validation_steps", "3",
+                                                                  "--validation_prompts", "a cat"]
+    argv[argv.index("--train_shards_path_or_url") + 1] = latent_spec
+    assert main(argv) == 0
+    # the latent samples come in the source order (their json names the source key)
+    source_keys = [j["source_key"] for b in LatentShardLoader(latent_spec, 2, shuffle_buffer=0) for j in b.json][:6]
+    image_keys = [k for r in map(json.loads, (images / "keys-rank0.jsonl").read_text().splitlines()) for k in r["keys"]]
+    assert source_keys == image_keys
+    want, got = _losses(images), _losses(latents)
+    assert sorted(got) == [1, 2, 3]
+    for s in (1, 2, 3):
+        assert got[s] == pytest.approx(want[s], rel=1e-4), s
+    assert (latents / "checkpoint-2" / "fastlcm_state.json").is_file() and (latents / "unet" / "config.json").is_file()
+    assert (latents / "validation" / "step-000003-online.png").is_file()

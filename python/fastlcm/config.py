@@ -39,6 +39,10 @@ CHOICES = {
     "lr_scheduler": LR_SCHEDULERS,
     "interpolation_type": ("bilinear",),
     "export_pipeline_unet": ("online", "target"),
+    "optimizer_impl": ("auto", "fused", "foreach"),
+    "compile_unets": ("none", "student", "all"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune"),
+    "loader_dtype": ("auto", "float32", "bfloat16", "uint8"),
 }
 FAMILIES = ("sd", "sdxl")
 W_MIN_DEFAULT = {"sd": 5.0, "sdxl": 3.0}  # as in diffusers' sd / sdxl LCM scripts
@@ -184,6 +188,25 @@ class TrainConfig:
     """Use xformers attention (needs `pip install xformers`)."""
     gradient_checkpointing: bool = False
     """Gradient checkpointing in the student to save memory."""
+    optimizer_impl: str = "auto"
+    """(fastlcm) AdamW implementation: fused (one CUDA kernel for all parameters), foreach, or auto (fused on CUDA
+    unless --use_8bit_adam, else PyTorch's default). Same update rule either way."""
+    channels_last: bool = False
+    """(fastlcm) Keep the UNets (student, target, teacher) in channels_last memory format (often faster convs)."""
+    compile_unets: str = "none"
+    """(fastlcm) torch.compile the UNet forwards of the LCD step: none, student, or all (student, teacher and target).
+    Checkpoints, validation and export use the uncompiled modules. The first steps are slow while it compiles."""
+    compile_mode: str = "default"
+    """(fastlcm) torch.compile mode with --compile_unets: default, reduce-overhead (CUDA graphs) or max-autotune."""
+    loader_dtype: str = "auto"
+    """(fastlcm) Pixel dtype the loader hands over: float32 or bfloat16 ([-1, 1]), or uint8 (0..255, normalized as
+    x/127.5 − 1 on the device after the copy: 4× less to copy). auto = uint8 on CUDA, float32 on CPU."""
+    device_prefetch: bool = True
+    """(fastlcm) On CUDA, copy each batch to the GPU (and normalize it) on a side stream, overlapping the previous
+    step's backward and optimizer. No effect on CPU."""
+    precomputed_latents: bool = False
+    """(fastlcm) --train_shards_path_or_url holds latent shards from `fastlcm precompute` (VAE posterior + text
+    embeddings) instead of images: no VAE encode or text encode in the step, and the VAE stays off the GPU."""
     # ---- distributed ----
     local_rank: int = -1
     """Accepted for compatibility; the rank comes from the launcher's environment."""
@@ -292,6 +315,15 @@ class TrainConfig:
         for r in ("wandb", "comet_ml"):
             if r in reports and importlib.util.find_spec(r) is None:
                 raise ConfigError(f"--report_to {r} needs the {r} package: pip install {r}")
+        if self.use_8bit_adam and self.optimizer_impl != "auto":
+            raise ConfigError(f"--optimizer_impl {self.optimizer_impl} cannot be used with --use_8bit_adam "
+                              "(bitsandbytes has its own kernel); leave it at auto")
+        if self.compile_unets != "none" and self.use_lora:
+            raise ConfigError("--compile_unets is not supported with LoRA distillation yet (the teacher is the "
+                              "student with its adapters switched off); use --compile_unets none")
+        if self.precomputed_latents and self.loader_dtype not in ("auto", "float32"):
+            raise ConfigError(f"--loader_dtype {self.loader_dtype} is for image shards; latent shards "
+                              "(--precomputed_latents) are always read as float32")
         if self.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or pip install 'fastlcm[bnb]')")
         if self.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
@@ -340,6 +372,12 @@ class TrainConfig:
     def loader_threads(self) -> int | None:
         """--dataloader_num_workers mapped to the loader's decode threads (None = one per core)."""
         return self.dataloader_num_workers or None
+
+    def pixel_dtype(self, cuda: bool) -> str:
+        """--loader_dtype resolved for this machine (auto: uint8 with CUDA, float32 without)."""
+        if self.loader_dtype == "auto":
+            return "uint8" if cuda else "float32"
+        return self.loader_dtype
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -226,6 +226,7 @@ class SDXLTextConditioner:
     def __init__(self, tokenizers, text_encoders, device, resolution: int, fix_crop_and_size: bool = False):
         self.tokenizers, self.text_encoders = list(tokenizers), list(text_encoders)
         self.device, self.resolution, self.fix = torch.device(device), resolution, fix_crop_and_size
+        self._zeros: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
     def _embed(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,13 +261,16 @@ class SDXLTextConditioner:
         return Conditioning(embeds, {"text_embeds": pooled, "time_ids": self.time_ids(batch, len(captions))})
 
     def unconditional(self, batch_size: int, batch: Any = None) -> Conditioning:
-        dims = sum(e.config.hidden_size for e in self.text_encoders)
-        seq = self.tokenizers[0].model_max_length
-        pooled_dim = self.text_encoders[-1].config.projection_dim
         dtype = next(self.text_encoders[-1].parameters()).dtype
-        zeros = torch.zeros(batch_size, seq, dims, device=self.device, dtype=dtype)
-        pooled = torch.zeros(batch_size, pooled_dim, device=self.device, dtype=dtype)
-        return Conditioning(zeros, {"text_embeds": pooled, "time_ids": self.time_ids(batch, batch_size)})
+        if self._zeros is None or self._zeros[0].dtype != dtype:  # allocated once; broadcast to the batch
+            dims = sum(e.config.hidden_size for e in self.text_encoders)
+            seq = self.tokenizers[0].model_max_length
+            pooled_dim = self.text_encoders[-1].config.projection_dim
+            self._zeros = (torch.zeros(1, seq, dims, device=self.device, dtype=dtype),
+                           torch.zeros(1, pooled_dim, device=self.device, dtype=dtype))
+        zeros, pooled = self._zeros
+        return Conditioning(zeros.expand(batch_size, -1, -1),
+                            {"text_embeds": pooled.expand(batch_size, -1), "time_ids": self.time_ids(batch, batch_size)})
 
 
 def text_conditioner_for(teacher: Teacher, device, cfg: TrainConfig | None = None):
@@ -279,3 +283,58 @@ def text_conditioner_for(teacher: Teacher, device, cfg: TrainConfig | None = Non
         return SDXLTextConditioner([teacher.tokenizer, teacher.tokenizer_2],
                                    [teacher.text_encoder, teacher.text_encoder_2], device, resolution, fix)
     raise ConfigError(f"unknown model family {teacher.family!r}")
+
+
+class PrecomputedConditioner:
+    """--precomputed_latents: conditioning from the batch's cached embeddings (``fastlcm precompute``).
+
+    ``batch.prompt_embeds`` [B, 77, D] (and SDXL ``batch.pooled_embeds`` [B, 1280]) on the device; SDXL time ids
+    from the batch's original_sizes / crop_coords as in the image path. A caption dropped by
+    --proportion_empty_prompts (now "") gets the embedding of "" — what the image path encodes for it — computed
+    once here, as is c∅ (SD: the embedding of ""; SDXL: zeros). After construction the text encoders are not used.
+    """
+
+    def __init__(self, base):
+        self.base = base
+        if isinstance(base, SDXLTextConditioner):  # c∅ = zeros (no encoder needed)
+            hidden, pooled = base._embed([""])
+            self._empty = (hidden.float(), pooled.float())
+        else:
+            self._empty = (base._embed([""]).float(), None)
+            base.unconditional(1)  # computes and caches c∅ (the "" embedding) while the encoder is on the device
+
+    def encode(self, captions: Sequence[str], batch: Any = None) -> Conditioning:
+        embeds, pooled = batch.prompt_embeds, getattr(batch, "pooled_embeds", None)
+        if embeds.shape[0] != len(captions):
+            raise ValueError(f"latent batch has {embeds.shape[0]} prompt_embeds for {len(captions)} captions")
+        dropped = [c == "" for c in captions]
+        if any(dropped):
+            mask = torch.tensor(dropped, device=embeds.device)
+            embeds = torch.where(mask[:, None, None], self._empty[0].to(embeds.dtype), embeds)
+            if pooled is not None:
+                pooled = torch.where(mask[:, None], self._empty[1].to(pooled.dtype), pooled)
+        if not isinstance(self.base, SDXLTextConditioner):
+            return Conditioning(embeds)
+        if pooled is None:
+            raise ValueError("SDXL latent batch has no pooled_embeds (were the latent shards made for an SD teacher?)")
+        return Conditioning(embeds, {"text_embeds": pooled, "time_ids": self.base.time_ids(batch, len(captions))})
+
+    def unconditional(self, batch_size: int, batch: Any = None) -> Conditioning:
+        return self.base.unconditional(batch_size, batch)
+
+
+def set_memory_format(modules, channels_last: bool) -> None:
+    """--channels_last: put the UNets' 4-D weights in channels_last (or back to contiguous) format, in place."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for m in modules:
+        if m is None:
+            continue
+        if not channels_last and all(p.is_contiguous() for p in m.parameters()):
+            continue  # already contiguous (the default): nothing to convert
+        m.to(memory_format=fmt)
+
+
+def compiled(module, mode: str):
+    """A torch.compile wrapper of ``module`` for the LCD step's forwards; ``module`` itself stays uncompiled (its
+    state_dict, checkpoints, validation and export are unchanged)."""
+    return torch.compile(module, mode=None if mode == "default" else mode)

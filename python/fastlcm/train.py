@@ -14,12 +14,16 @@ and export.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from fastlcm.config import ConfigError, TrainConfig, add_config_arguments, from_args
 
@@ -56,7 +60,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def make_shard_loader(cfg: TrainConfig, rank: int, world_size: int, epochs: int | None, seed: int):
-    """This process's ShardLoader: its own shard split, never re-dispatched by Accelerate."""
+    """This process's loader (ShardLoader, or LatentShardLoader with --precomputed_latents): its own shard split,
+    never re-dispatched by Accelerate."""
+    import torch
+
+    if cfg.precomputed_latents:
+        from fastlcm.config import local_teacher_family
+        from fastlcm.data.latents import LatentShardLoader
+
+        return LatentShardLoader(
+            cfg.train_shards_path_or_url, cfg.train_batch_size, seed=seed, shuffle_buffer=cfg.shuffle_buffer,
+            threads=cfg.loader_threads, rank=rank, world_size=world_size, epochs=epochs,
+            expect_family=local_teacher_family(cfg.pretrained_teacher_model), expect_resolution=cfg.resolution,
+        )
     from fastlcm.data import ShardLoader
 
     return ShardLoader(
@@ -64,7 +80,7 @@ def make_shard_loader(cfg: TrainConfig, rank: int, world_size: int, epochs: int 
         shuffle_buffer=cfg.shuffle_buffer, threads=cfg.loader_threads, rank=rank, world_size=world_size,
         epochs=epochs, crop="center" if cfg.center_crop else "random", random_flip=cfg.random_flip,
         min_original_width=cfg.min_original_width, min_original_height=cfg.min_original_height,
-        max_pwatermark=cfg.max_pwatermark,
+        max_pwatermark=cfg.max_pwatermark, dtype=cfg.pixel_dtype(torch.cuda.is_available()),
     )
 
 
@@ -98,6 +114,13 @@ def _optimizer(cfg: TrainConfig, params, lr: float):
         except ImportError as e:
             raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
         return bnb.optim.AdamW8bit(params, **kw)
+    params = list(params)
+    on_cuda = bool(params) and all(p.device.type == "cuda" for p in params)
+    impl = cfg.optimizer_impl
+    if impl == "fused" or (impl == "auto" and on_cuda):
+        return torch.optim.AdamW(params, fused=True, **kw)
+    if impl == "foreach":
+        return torch.optim.AdamW(params, foreach=True, **kw)
     return torch.optim.AdamW(params, **kw)
 
 
@@ -123,19 +146,245 @@ def _cpu_only_multiprocess() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+@dataclasses.dataclass
+class TrainState:
+    """Everything one training step touches, assembled by :func:`setup` (used by train() and `fastlcm bench step`)."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    teacher: Any
+    student: Any  # as prepared by Accelerate (DDP-wrapped on several processes)
+    unwrap: Any  # the bare student module (checkpoints, validation, export)
+    target: Any  # EMA target, None for LoRA (the target is the student)
+    optimizer: Any
+    lr_scheduler: Any
+    lcd_models: Any
+    grid: Any
+    settings: Any
+    draws: Any
+    caption_rng: random.Random
+    dtypes: dict
+    mover: "BatchMover"
+    offloaded: bool = False  # --precomputed_latents: VAE and text encoders parked on the CPU
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+def setup(cfg: TrainConfig, accelerator, teacher, *, num_training_steps: int | None, seed: int) -> TrainState:
+    """Student, target, optimizer, LR schedule, ``accelerator.prepare``, LCD models/settings and draws, with the
+    speed levers of the config applied (optimizer_impl, channels_last, compile_unets, precomputed_latents)."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    from fastlcm import models
+    from fastlcm.checkpoint import register_lora_state_hooks
+    from fastlcm.lcd.math import SolverGrid
+    from fastlcm.lcd.step import LCDModels, LCDSettings, TorchDraws
+
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    lora = cfg.use_lora
+    if lora:  # student = teacher UNet + adapters; teacher = adapters off; target = the student, no grad, no EMA
+        d = 0
+        dtypes = models.place_frozen(teacher, cfg, device, accelerator.mixed_precision)
+        student, target = models.add_lora(teacher.unet, cfg), None
+    else:  # student = teacher rebuilt with a guidance projection; target = its EMA copy
+        d = models.guidance_dim(teacher.unet, cfg)
+        init = models.load_student_init(cfg)
+        with device:  # the new UNet is initialized on the device (seconds, not a minute of CPU init for SDXL);
+            student = models.build_student(teacher.unet, d, init_unet=init)  # weights from the fp32 teacher
+        del init
+        dtypes = models.place_frozen(teacher, cfg, device, accelerator.mixed_precision)
+        target = models.build_target(student).to(device)
+    student.to(device)  # before the optimizer is built, so --optimizer_impl auto sees where the parameters live
+    if cfg.enable_xformers_memory_efficient_attention:
+        try:
+            for unet in {id(u): u for u in (teacher.unet, student, target) if u is not None}.values():
+                unet.enable_xformers_memory_efficient_attention()
+        except Exception as e:  # noqa: BLE001 - xformers raises assorted errors when unusable
+            raise ConfigError(f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({e})") from e
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    models.set_memory_format((teacher.unet, student, target), cfg.channels_last)
+    grid = SolverGrid.build(teacher.noise_scheduler.alphas_cumprod.to(device, torch.float64), cfg.num_ddim_timesteps)
+
+    lr = cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
+    optimizer = _optimizer(cfg, models.trainable_parameters(student), lr)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+                                 num_training_steps=(num_training_steps or 1) * world)
+    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
+    if lora:
+        register_lora_state_hooks(accelerator, student, teacher.family)
+    unwrap = accelerator.unwrap_model(student)
+
+    wd = dtypes["text"]
+    autocast = (lambda: torch.autocast(device.type, dtype=wd)) if wd != torch.float32 else None
+    text = models.text_conditioner_for(teacher, device, cfg)
+    offloaded = False
+    if cfg.precomputed_latents:  # embeddings come with the batch; "" and c∅ are computed once, here
+        text = models.PrecomputedConditioner(text)
+        offloaded = _park_frozen(teacher, "cpu")
+    run_student, run_teacher = student, models.AdaptersDisabled(unwrap) if lora else teacher.unet
+    run_target = unwrap if lora else target
+    if cfg.compile_unets != "none":
+        run_student = models.compiled(student, cfg.compile_mode)
+        if cfg.compile_unets == "all":
+            run_teacher, run_target = models.compiled(run_teacher, cfg.compile_mode), models.compiled(run_target, cfg.compile_mode)
+    lcd_models = LCDModels(
+        vae=teacher.vae, text=text, student=run_student, teacher=run_teacher, target=run_target,
+        prediction_type=teacher.prediction_type, scaling_factor=teacher.vae.config.scaling_factor,
+        teacher_dtype=dtypes["unet"], **({"autocast": autocast} if autocast else {}),
+    )
+    settings = LCDSettings(w_min=cfg.w_min, w_max=cfg.w_max, guidance_dim=d, timestep_scaling=cfg.timestep_scaling_factor,
+                           loss_type=cfg.loss_type, huber_c=cfg.huber_c, vae_encode_batch_size=cfg.vae_encode_batch_size)
+    cuda = device.type == "cuda"
+    mover = BatchMover(device, side_stream=cfg.device_prefetch and cuda,
+                       mark_cudagraph_step=cfg.compile_unets != "none" and cfg.compile_mode == "reduce-overhead")
+    return TrainState(cfg, accelerator, teacher, student, unwrap, target, optimizer, lr_scheduler, lcd_models, grid,
+                      settings, TorchDraws(device, seed * 1000 + rank), random.Random(seed * 1000 + rank + 7), dtypes,
+                      mover, offloaded)
+
+
+def _park_frozen(teacher, device) -> bool:
+    """Move the VAE and text encoders (not needed by the step with cached latents) to ``device``."""
+    import torch
+
+    for m in (teacher.vae, teacher.text_encoder, teacher.text_encoder_2):
+        if m is not None:
+            m.to(device)
+    if torch.device(device).type == "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return True
+
+
+@dataclasses.dataclass
+class DeviceBatch:
+    """A batch on the training device: ``pixels`` [-1, 1] (image shards) or the cached latent fields."""
+
+    captions: list
+    pixels: Any = None
+    latent_mean: Any = None
+    latent_std: Any = None
+    prompt_embeds: Any = None
+    pooled_embeds: Any = None
+    original_sizes: Any = None
+    crop_coords: Any = None
+    keys: list = dataclasses.field(default_factory=list)
+
+
+class BatchMover:
+    """Host batch → :class:`DeviceBatch`. uint8 pixels are normalized (x/127.5 − 1, fp32) on the device after the
+    copy. With ``side_stream`` (CUDA, --device_prefetch) the copy and normalize run on a side stream: they are
+    queued while the GPU still runs the previous step's backward/optimizer/EMA (the host is ahead of the device),
+    and the compute stream waits only for them. Batches are pulled from the loader one at a time, so a
+    checkpoint's loader state is exactly the batches trained on."""
+
+    FIELDS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_embeds")
+
+    def __init__(self, device, side_stream: bool = False, mark_cudagraph_step: bool = False):
+        import torch
+
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if side_stream and self.device.type == "cuda" else None
+        self.mark_cudagraph_step = mark_cudagraph_step
+
+    def _copy(self, batch) -> DeviceBatch:
+        import torch
+
+        out = DeviceBatch(list(batch.captions), original_sizes=getattr(batch, "original_sizes", None),
+                          crop_coords=getattr(batch, "crop_coords", None), keys=list(getattr(batch, "keys", [])))
+        if getattr(batch, "latent_mean", None) is not None:
+            for name in self.FIELDS:
+                value = getattr(batch, name, None)
+                setattr(out, name, None if value is None else value.to(self.device, torch.float32, non_blocking=True))
+        else:
+            x = batch.pixels.to(self.device, non_blocking=True)
+            out.pixels = x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x
+        return out
+
+    def __call__(self, batch) -> DeviceBatch:
+        import torch
+
+        if self.mark_cudagraph_step:  # reduce-overhead: a new step begins (outputs of the last one may be reused)
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.stream is None:
+            return self._copy(batch)
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.stream):
+            out = self._copy(batch)
+        main.wait_stream(self.stream)
+        for t in (out.pixels, *(getattr(out, n) for n in self.FIELDS)):
+            if t is not None:
+                t.record_stream(main)  # allocated on the side stream, used (and freed) on the main one
+        return out
+
+
+def _no_part(_name):
+    return contextlib.nullcontext()
+
+
+def train_step(st: TrainState, batch, *, part=None, lcd_models=None, check_finite: bool = True) -> float:
+    """One micro-batch (DESIGN.md steps 1–14): batch → device, caption dropping, lcd_step, the finite-loss check
+    (a host sync; raises NonFiniteLossError before any update), backward, clipping, optimizer and LR schedule, and
+    after each optimizer step the EMA of the target. Returns the loss (mean over processes).
+
+    ``part(name)`` (a context-manager factory) and ``lcd_models`` (instrumented models) are the bench's hooks."""
+    import torch
+
+    from fastlcm.lcd.math import ema_update
+    from fastlcm.lcd.step import lcd_step
+
+    part = part or _no_part
+    acc, cfg = st.accelerator, st.cfg
+    with part("loader_wait"):
+        dev = st.mover(batch)
+    captions = drop_captions(batch.captions, cfg.proportion_empty_prompts, st.caption_rng)
+    with acc.accumulate(st.student):
+        loss = lcd_step(dev.pixels, captions, lcd_models or st.lcd_models, st.grid, st.settings, st.draws, dev).loss
+        mean_loss = acc.reduce(loss.detach().clone(), "mean") if st.world > 1 else loss.detach()
+        value = float(mean_loss)
+        if check_finite and not math.isfinite(value):
+            raise NonFiniteLossError(f"non-finite loss ({value})")
+        with part("student_forward_backward"):
+            acc.backward(loss)
+        with part("optimizer"):
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(st.student.parameters(), cfg.max_grad_norm)
+            st.optimizer.step()
+            st.lr_scheduler.step()
+            st.optimizer.zero_grad(set_to_none=True)
+    # 14. target ← μ·target + (1 − μ)·student, after each optimizer step (LoRA: the target is the student)
+    if acc.sync_gradients and st.target is not None:
+        with part("ema"), torch.no_grad():
+            ema_update(st.target.parameters(), st.unwrap.parameters(), cfg.ema_decay)
+    return value
+
+
+@contextlib.contextmanager
+def _frozen_on_device(st: TrainState):
+    """Validation renders with the VAE and text encoders: bring them back from the CPU for it if parked."""
+    if st.offloaded:
+        _park_frozen(st.teacher, st.accelerator.device)
+    try:
+        yield
+    finally:
+        if st.offloaded:
+            _park_frozen(st.teacher, "cpu")
+
+
 def train(cfg: TrainConfig, loader_factory=None) -> dict:
     """Run the distillation described by a validated config; return a summary (steps, last loss, paths)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     from fastlcm import models
-    from fastlcm.checkpoint import load_checkpoint, register_lora_state_hooks, resolve_resume, save_checkpoint
+    from fastlcm.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
     from fastlcm.export import export_models, push_to_hub
-    from fastlcm.lcd.math import SolverGrid, ema_update
-    from fastlcm.lcd.step import LCDModels, LCDSettings, TorchDraws, lcd_step
     from fastlcm.validation import run_validation
 
     out = Path(cfg.output_dir)
@@ -145,6 +394,13 @@ def train(cfg: TrainConfig, loader_factory=None) -> dict:
         mixed_precision=cfg.mixed_precision,
         log_with=reports or None, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
     )
+    # Accelerate's process-wide state keeps the precision it was first made with; unset, --mixed_precision means
+    # the launcher's choice (ACCELERATE_MIXED_PRECISION) or "no". Never train silently in another precision.
+    wanted = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if accelerator.mixed_precision != wanted:
+        raise ConfigError(
+            f"--mixed_precision {wanted}: Accelerate was already initialized in this process with "
+            f"mixed_precision={accelerator.mixed_precision} and keeps it; run each training in its own process")
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     main = accelerator.is_main_process
     seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
@@ -155,57 +411,14 @@ def train(cfg: TrainConfig, loader_factory=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # ---- models ----
+    # ---- models, optimizer, schedule, data ----
     cfg.apply_defaults(models.detect_family(cfg))  # w_min etc. for a Hub-id teacher (local ones: at validate())
     teacher = models.load_teacher(cfg)
-    lora = cfg.use_lora
-    if lora:  # student = teacher UNet + adapters; teacher = adapters off; target = the student, no grad, no EMA
-        d = 0
-        dtypes = models.place_frozen(teacher, cfg, device, accelerator.mixed_precision)
-        student, target = models.add_lora(teacher.unet, cfg), None
-    else:  # student = teacher rebuilt with a guidance projection; target = its EMA copy
-        d = models.guidance_dim(teacher.unet, cfg)
-        init = models.load_student_init(cfg)
-        student = models.build_student(teacher.unet, d, init_unet=init)
-        del init
-        dtypes = models.place_frozen(teacher, cfg, device, accelerator.mixed_precision)
-        target = models.build_target(student).to(device)
-    if cfg.enable_xformers_memory_efficient_attention:
-        try:
-            for unet in {id(u): u for u in (teacher.unet, student, target) if u is not None}.values():
-                unet.enable_xformers_memory_efficient_attention()
-        except Exception as e:  # noqa: BLE001 - xformers raises assorted errors when unusable
-            raise ConfigError(f"--enable_xformers_memory_efficient_attention: xformers is not usable here ({e})") from e
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    grid = SolverGrid.build(teacher.noise_scheduler.alphas_cumprod.to(device, torch.float64), cfg.num_ddim_timesteps)
-
-    # ---- optimizer, schedule, data ----
     per_epoch, max_steps, loader_epochs = run_length(cfg, world)
-    lr = cfg.learning_rate
-    if cfg.scale_lr:
-        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
-    optimizer = _optimizer(cfg, models.trainable_parameters(student), lr)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
-                                 num_training_steps=(max_steps or 1) * world)
-    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    if lora:
-        register_lora_state_hooks(accelerator, student, teacher.family)
+    st = setup(cfg, accelerator, teacher, num_training_steps=max_steps, seed=seed)
+    target, unwrap, draws, caption_rng = st.target, st.unwrap, st.draws, st.caption_rng
     loader = (loader_factory or make_shard_loader)(cfg, rank, world, loader_epochs, seed if cfg.seed is not None else 0)
-    draws = TorchDraws(device, seed * 1000 + rank)
-    caption_rng = random.Random(seed * 1000 + rank + 7)
-
-    wd = dtypes["text"]
-    autocast = (lambda: torch.autocast(device.type, dtype=wd)) if wd != torch.float32 else None
-    unwrap = accelerator.unwrap_model(student)
-    lcd_models = LCDModels(
-        vae=teacher.vae, text=models.text_conditioner_for(teacher, device, cfg), student=student,
-        teacher=models.AdaptersDisabled(unwrap) if lora else teacher.unet,
-        target=unwrap if lora else target, prediction_type=teacher.prediction_type, scaling_factor=teacher.vae.config.scaling_factor,
-        teacher_dtype=dtypes["unet"], **({"autocast": autocast} if autocast else {}),
-    )
-    settings = LCDSettings(w_min=cfg.w_min, w_max=cfg.w_max, guidance_dim=d, timestep_scaling=cfg.timestep_scaling_factor,
-                           loss_type=cfg.loss_type, huber_c=cfg.huber_c, vae_encode_batch_size=cfg.vae_encode_batch_size)
+    wd = st.dtypes["text"]
 
     # ---- resume ----
     step, batches_seen = 0, 0
@@ -237,36 +450,23 @@ def train(cfg: TrainConfig, loader_factory=None) -> dict:
         batches_seen += 1
         if keys_log is not None:
             keys_log.write(json.dumps({"step": step, "keys": list(batch.keys)}) + "\n")
-        pixels = batch.pixels.to(device, non_blocking=True)
-        captions = drop_captions(batch.captions, cfg.proportion_empty_prompts, caption_rng)
-        with accelerator.accumulate(student):
-            loss = lcd_step(pixels, captions, lcd_models, grid, settings, draws, batch).loss
-            mean_loss = accelerator.reduce(loss.detach().clone(), "mean") if world > 1 else loss.detach()
-            value = float(mean_loss)
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({value}) at step {step + 1} (batch {batches_seen}); stopped before the update, "
-                    f"nothing was saved for this step (last checkpoint: {resolve_resume('latest', out) or 'none'})")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        try:
+            value = train_step(st, batch)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(
+                f"{e} at step {step + 1} (batch {batches_seen}); stopped before the update, nothing was saved for "
+                f"this step (last checkpoint: {resolve_resume('latest', out) or 'none'})") from None
         loss_sum, micro = loss_sum + value, micro + 1
-        if not accelerator.sync_gradients:
+        if not st.accelerator.sync_gradients:
             continue
 
-        # 14. target ← μ·target + (1 − μ)·student, after each optimizer step (LoRA: the target is the student)
-        if target is not None:
-            ema_update(target.parameters(), unwrap.parameters(), cfg.ema_decay)
         step += 1
         last_loss, loss_sum, micro = loss_sum / micro, 0.0, 0
         now = time.perf_counter()
         samples = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
         rate = samples / max(now - t0, 1e-9)
         t0 = now
-        logs = {"loss": last_loss, "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": rate}
+        logs = {"loss": last_loss, "lr": st.lr_scheduler.get_last_lr()[0], "samples_per_s": rate}
         if per_epoch:
             logs["epoch"] = batches_seen // per_epoch
         stats = loader.stats() if hasattr(loader, "stats") else {}
@@ -286,8 +486,8 @@ def train(cfg: TrainConfig, loader_factory=None) -> dict:
                             cfg.checkpoints_total_limit)
         if step % cfg.validation_steps == 0 and main:
             unets = {"online": unwrap} if target is None else {"online": unwrap, "target": target}
-            run_validation(accelerator, teacher, unets, cfg, step,
-                           wd if wd != torch.float32 else None)
+            with _frozen_on_device(st):
+                run_validation(accelerator, teacher, unets, cfg, step, wd if wd != torch.float32 else None)
         finished = max_steps is not None and step >= max_steps
 
     bar.close()

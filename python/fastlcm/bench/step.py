@@ -1,18 +1,22 @@
 """`fastlcm bench step`: throughput of the trainer's LCD step on a random-weight teacher of the real architecture.
 
 The teacher is built from the published SD1.5 / SDXL configs with random weights (no download; ``--family tiny``
-is the small test teacher, ``--teacher PATH`` any local diffusers folder), then everything after loading goes
-through the trainer's own functions (models.place_frozen / build_student / build_target / text_conditioner_for,
-train.make_shard_loader / _optimizer, accelerator.prepare). The timed step is the body of ``train.train``'s loop:
-lcd_step, the finite-loss check (a host sync, as in the trainer), backward, clipping, AdamW, LR schedule, EMA.
+is the small test teacher, ``--teacher PATH`` any local diffusers folder). Everything after that is the trainer's
+own code: ``train.setup`` (student, target, optimizer, schedule, accelerator.prepare, the speed levers) and
+``train.train_step`` (batch → device, caption drop, lcd_step, the loss sync, backward, clipping, AdamW, LR
+schedule, EMA) — the bench only adds its timing hooks.
 
 Three passes: ``--warmup`` untimed steps (compile time lands here), ``--steps`` steady-state steps timed end to end
-(CUDA events on a GPU, perf_counter on CPU; batches come from the Rust loader, or with ``--synthetic-input`` one
-fixed pinned batch so only the GPU is measured), then ``--parts-steps`` instrumented steps that synchronize around
+(CUDA events on a GPU, perf_counter on CPU), then ``--parts-steps`` instrumented steps that synchronize around
 each part to attribute time to it (VAE encode, text encode, teacher forward, target forward, student fwd+bwd,
 optimizer, EMA, loader wait incl. H2D copy, other = elementwise LCD math, draws and the loss sync). The
 synchronizations stop CPU/GPU overlap, so the instrumented step is slower than the steady one; the parts say
 where the time goes, ``step_s`` says how long a step takes.
+
+Input (``--input``): ``loader`` = the Rust loader on synthetic JPEG shards; ``synthetic`` = one fixed pinned image
+batch (only the GPU is measured); ``latents`` = one fixed pinned batch of cached latents and embeddings (the
+``--precomputed_latents`` path: no VAE, no text encoder). ``--matrix`` runs several named lever sets in one
+process on one teacher (see fastlcm.bench.step_matrix).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ import shutil
 import sys
 import tempfile
 import time
-from argparse import Namespace
 from pathlib import Path
+
+from fastlcm.bench.step_models import build_random_teacher, fixed_batch, fixed_latent_batch, make_shards
 
 # DESIGN.md "Measured anchors": diffusers' train_lcm_distill_sd_wds.py, NVIDIA H200, SD1.5-shaped random teacher,
 # 512 px, batch 12, diffusers 0.42.1, torch 2.11.
@@ -42,41 +47,21 @@ PARTS = ("loader_wait", "vae_encode", "text_encode", "teacher_forward", "target_
 PARTS_NOTE = ("parts: seconds per step from a separate instrumented pass that synchronizes the device around each "
               "part (no CPU/GPU overlap), so they sum to instrumented_step_s, not to step_s; loader_wait includes "
               "the host-to-device copy; other = LCD elementwise math, random draws and the trainer's loss sync")  # fmt: skip
-CSV_COLUMNS = ("date", "commit", "gpu", "cpu", "family", "batch_size", "resolution", "mixed_precision",
-               "gradient_checkpointing", "compile", "input", "steps", "samples_per_s", "step_s", "peak_mem_gib",
-               "instrumented_step_s", *(f"part_{p}" for p in PARTS), "warmup_s", "setup_s", "torch", "diffusers",
-               "command")  # fmt: skip
+LEVERS = ("mixed_precision", "gradient_checkpointing", "optimizer_impl", "loader_dtype", "device_prefetch",
+          "channels_last", "compile_unets", "compile_mode", "input")  # fmt: skip
+CSV_COLUMNS = ("date", "commit", "gpu", "cpu", "family", "batch_size", "resolution", "levers", "mixed_precision",
+               "gradient_checkpointing", "compile", "optimizer_impl", "loader_dtype", "device_prefetch",
+               "channels_last", "compile_unets", "compile_mode", "input", "steps", "samples_per_s", "step_s",
+               "peak_mem_gib", "instrumented_step_s", *(f"part_{p}" for p in PARTS), "warmup_s", "setup_s", "torch",
+               "diffusers", "command")  # fmt: skip
 DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
-
-# Published architectures (runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0 configs).
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, center_input_sample=False,
-)  # fmt: skip
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True,
-    freq_shift=0,
-)  # fmt: skip
-SD_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-    act_fn="silu",
-)  # fmt: skip
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-              projection_dim=768, hidden_act="quick_gelu")  # fmt: skip
-CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                 projection_dim=1280, hidden_act="gelu")  # fmt: skip
+INPUTS = {"loader": "rust loader", "synthetic": "synthetic (fixed pinned batch)",
+          "latents": "cached latents (fixed pinned batch)"}  # fmt: skip
 
 
 def add_arguments(parser) -> None:
+    import argparse
+
     parser.add_argument("--family", default="sd15", choices=("sd15", "sdxl", "tiny"),
                         help="random-weight teacher architecture (tiny: the CPU test teacher)")  # fmt: skip
     parser.add_argument("--teacher", metavar="PATH", help="a local diffusers teacher folder instead of --family")
@@ -85,153 +70,89 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steady-state steps (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--parts-steps", type=int, default=5, help="instrumented steps for the breakdown, 0 = none")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the student, teacher and target UNets")
-    parser.add_argument("--synthetic-input", action="store_true",
-                        help="feed one fixed pinned batch instead of the Rust loader (isolates the GPU)")  # fmt: skip
+    parser.add_argument("--input", choices=tuple(INPUTS), default="loader",
+                        help="loader: Rust loader on synthetic shards; synthetic: one fixed pinned image batch; "
+                             "latents: one fixed pinned cached-latent batch (no VAE / text encoder)")  # fmt: skip
+    parser.add_argument("--synthetic-input", action="store_true", help="same as --input synthetic")
     parser.add_argument("--mixed-precision", default="bf16", choices=("bf16", "fp16", "no"))
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the student's activations")
+    parser.add_argument("--optimizer-impl", default="auto", choices=("auto", "fused", "foreach"),
+                        help="AdamW implementation (train's --optimizer_impl; auto = fused on CUDA)")  # fmt: skip
+    parser.add_argument("--channels-last", action="store_true", help="UNets in channels_last memory format")
+    parser.add_argument("--compile-unets", default="none", choices=("none", "student", "all"),
+                        help="torch.compile the student, or student + teacher + target")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="same as --compile-unets all")
+    parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"))
+    parser.add_argument("--loader-dtype", default="auto", choices=("auto", "float32", "bfloat16", "uint8"),
+                        help="pixel dtype from the loader (auto: uint8 on CUDA; uint8 is normalized on the device)")  # fmt: skip
+    parser.add_argument("--device-prefetch", action=argparse.BooleanOptionalAction, default=True,
+                        help="H2D copy + normalize on a side CUDA stream (default on; no effect on CPU)")  # fmt: skip
+    parser.add_argument("--matrix", metavar="NAME[,NAME...]",
+                        help="run these lever sets in one process on one teacher (or 'all'): "
+                             "reference-bf16, reference-fp16-ckpt, +fused-adam, +uint8-prefetch, +channels-last, "
+                             "+latents, +compile, +compile-ro (the + sets are cumulative, in this order); the "
+                             "lever flags above are then ignored")  # fmt: skip
     parser.add_argument("--loader-threads", type=int, default=0, help="decode threads (0 = all cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.add_argument("--out-csv", metavar="PATH", help="append a row to this CSV (e.g. benches/results/step.csv)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
+def levers_from_args(args) -> dict:
+    """The single-run lever set given by the flags."""
+    return {"mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+            "optimizer_impl": args.optimizer_impl, "loader_dtype": args.loader_dtype,
+            "device_prefetch": args.device_prefetch, "channels_last": args.channels_last,
+            "compile_unets": "all" if args.compile else args.compile_unets, "compile_mode": args.compile_mode,
+            "input": "synthetic" if args.synthetic_input else args.input}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Teacher and trainer state
+# Trainer state and inputs
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_random_teacher(family: str, workdir: Path):
-    """A models.Teacher of the SD1.5 or SDXL architecture with random weights, in memory, frozen and in eval mode
-    as models.load_teacher leaves it. Tokenizers are the small local test tokenizer; each text encoder's
-    vocab_size is set to its length (the real 49408-token embedding would only add an unused lookup table)."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state. Its first initialization otherwise fixes the mixed precision of every
+    later Accelerator in the process: lever sets differ in it, and a `fastlcm train` run in the same process after
+    the bench (tests, notebooks) must not inherit the bench's."""
+    from accelerate.state import AcceleratorState, GradientState
 
-    from fastlcm import models
-    from fastlcm.testing import BOS_TOKEN, EOS_TOKEN, ddim_scheduler, write_clip_tokenizer
-
-    torch.manual_seed(0)
-    toks = [write_clip_tokenizer(workdir / "tokenizer")]
-    if family == "sdxl":
-        toks.append(write_clip_tokenizer(workdir / "tokenizer_2", pad_token="!"))
-
-    def text_config(tok, arch):
-        return CLIPTextConfig(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.convert_tokens_to_ids(BOS_TOKEN),
-                              eos_token_id=tok.convert_tokens_to_ids(EOS_TOKEN), pad_token_id=tok.pad_token_id, **arch)  # fmt: skip
-
-    sched = DDPMScheduler.from_config(ddim_scheduler("epsilon").config)
-    vae = AutoencoderKL(**SD_VAE, sample_size=512 if family == "sd15" else 1024,
-                        scaling_factor=0.18215 if family == "sd15" else 0.13025)  # fmt: skip
-    if family == "sd15":
-        unet, extra = UNet2DConditionModel(**SD15_UNET), {}
-    else:
-        unet = UNet2DConditionModel(**SDXL_UNET)
-        extra = {"tokenizer_2": toks[1], "text_encoder_2": CLIPTextModelWithProjection(text_config(toks[1], CLIP_BIGG))}
-    text = CLIPTextModel(text_config(toks[0], CLIP_L))
-    for m in (text, vae, unet, extra.get("text_encoder_2")):
-        if m is not None:
-            m.requires_grad_(False)
-            m.eval()
-    fam = "sd" if family == "sd15" else "sdxl"
-    return models.Teacher(fam, unet, vae, text, toks[0], sched, dict(sched.config), **extra)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
-def make_shards(resolution: int, count: int):
-    """(spec, tmpdir): ``count`` synthetic JPEGs of resolution..2*resolution px, via `fastlcm make-shards --synthetic`."""
-    from fastlcm.bench.loader import make_synthetic
-
-    return make_synthetic(Namespace(synthetic=count, min_size=resolution, max_size=2 * resolution))
-
-
-@dataclasses.dataclass
-class FixedBatch:
-    """--synthetic-input: the fields of fastlcm.data.Batch the step reads, fixed (pixels pinned on CUDA)."""
-
-    pixels: object
-    captions: list
-    original_sizes: object
-    crop_coords: object
-    keys: list = dataclasses.field(default_factory=list)
-
-
-def fixed_batch(batch_size: int, resolution: int, pin: bool) -> FixedBatch:
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    pixels = torch.rand(batch_size, 3, resolution, resolution, generator=gen) * 2 - 1
-    sizes = torch.tensor([[resolution, resolution]] * batch_size, dtype=torch.int64)
-    caps = [f"a photo of a red circle number {i} on a textured background" for i in range(batch_size)]
-    return FixedBatch(pixels.pin_memory() if pin else pixels, caps, sizes, torch.zeros_like(sizes),
-                      [f"{i:08d}" for i in range(batch_size)])  # fmt: skip
-
-
-@dataclasses.dataclass
-class Trainer:
-    """What the timed step touches, assembled exactly as train.train does."""
-
-    cfg: object
-    accelerator: object
-    student: object
-    unwrap: object
-    target: object
-    optimizer: object
-    lr_scheduler: object
-    lcd_models: object
-    grid: object
-    settings: object
-    draws: object
-    caption_rng: object
-    dtypes: dict
-
-
-def build_trainer(cfg, teacher, device_name: str | None, compile_: bool) -> Trainer:
-    import random
-
-    import torch
+def make_state(cfg, teacher, device_name: str):
+    """A fresh Accelerator (its global state reset: lever sets differ in mixed precision) and train.setup."""
     from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
 
-    from fastlcm import models
-    from fastlcm.lcd.math import SolverGrid
-    from fastlcm.lcd.step import LCDModels, LCDSettings, TorchDraws
-    from fastlcm.train import _optimizer
+    from fastlcm.train import setup
 
+    reset_accelerate()
     accelerator = Accelerator(cpu=device_name == "cpu", mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)  # fmt: skip
-    device = accelerator.device
-    d = models.guidance_dim(teacher.unet, cfg)
-    student = models.build_student(teacher.unet, d)
-    dtypes = models.place_frozen(teacher, cfg, device, accelerator.mixed_precision)
-    target = models.build_target(student).to(device)
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    grid = SolverGrid.build(teacher.noise_scheduler.alphas_cumprod.to(device, torch.float64), cfg.num_ddim_timesteps)
-    optimizer = _optimizer(cfg, models.trainable_parameters(student), cfg.learning_rate)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_train_steps or 1)  # fmt: skip
-    student, optimizer, lr_scheduler = accelerator.prepare(student, optimizer, lr_scheduler)
-    unwrap = accelerator.unwrap_model(student)
-    wd = dtypes["text"]
-    autocast = (lambda: torch.autocast(device.type, dtype=wd)) if wd != torch.float32 else None
-    run_student, run_teacher, run_target = student, teacher.unet, target
-    if compile_:
-        run_student, run_teacher, run_target = (torch.compile(m) for m in (student, teacher.unet, target))
-    lcd_models = LCDModels(
-        vae=teacher.vae, text=models.text_conditioner_for(teacher, device, cfg), student=run_student,
-        teacher=run_teacher, target=run_target, prediction_type=teacher.prediction_type,
-        scaling_factor=teacher.vae.config.scaling_factor, teacher_dtype=dtypes["unet"],
-        **({"autocast": autocast} if autocast else {}),
-    )  # fmt: skip
-    settings = LCDSettings(w_min=cfg.w_min, w_max=cfg.w_max, guidance_dim=d, timestep_scaling=cfg.timestep_scaling_factor,
-                           loss_type=cfg.loss_type, huber_c=cfg.huber_c, vae_encode_batch_size=cfg.vae_encode_batch_size)  # fmt: skip
-    return Trainer(cfg, accelerator, student, unwrap, target, optimizer, lr_scheduler, lcd_models, grid, settings,
-                   TorchDraws(device, 0), random.Random(7), dtypes)  # fmt: skip
+    return setup(cfg, accelerator, teacher, num_training_steps=cfg.max_train_steps, seed=0)
+
+
+def make_batches(st, levers: dict, args, shards: str | None):
+    """(batch iterator, loader or None) for the lever set's input."""
+    import itertools
+
+    from fastlcm.train import make_shard_loader
+
+    cuda = st.accelerator.device.type == "cuda"
+    if levers["input"] == "latents":
+        return itertools.repeat(fixed_latent_batch(st.teacher, args.batch_size, args.resolution, cuda)), None
+    if levers["input"] == "synthetic":
+        dtype = st.cfg.pixel_dtype(cuda)
+        return itertools.repeat(fixed_batch(args.batch_size, args.resolution, cuda, dtype)), None
+    cfg = dataclasses.replace(st.cfg, train_shards_path_or_url=shards)
+    loader = make_shard_loader(cfg, 0, 1, None, 0)
+    return iter(loader), loader
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The step (train.train's loop body) and its instrumentation
+# Instrumentation and measurement
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -300,38 +221,21 @@ def instrumented(lcd_models, clock: Clock):
     )  # fmt: skip
 
 
-def train_step(tr: Trainer, batches, lcd_models, clock: Clock | None) -> float:
-    """One optimizer step as train.train runs it (gradient accumulation 1, one process); returns the loss."""
-    from fastlcm.lcd.math import ema_update
-    from fastlcm.lcd.step import lcd_step
-    from fastlcm.train import drop_captions
+def _step(st, batches, lcd_models=None, clock: Clock | None = None) -> float:
+    """One train.train_step (gradient accumulation 1, one process); the loader wait is timed as a part too."""
+    from fastlcm.train import train_step
 
-    part = clock.part if clock is not None else (lambda _name: contextlib.nullcontext())
-    cfg, acc = tr.cfg, tr.accelerator
-    with part("loader_wait"):
+    part = clock.part if clock is not None else None
+    with (part("loader_wait") if part else contextlib.nullcontext()):
         batch = next(batches)
-        pixels = batch.pixels.to(acc.device, non_blocking=True)
-    captions = drop_captions(batch.captions, cfg.proportion_empty_prompts, tr.caption_rng)
-    with acc.accumulate(tr.student):
-        loss = lcd_step(pixels, captions, lcd_models, tr.grid, tr.settings, tr.draws, batch).loss
-        value = float(loss.detach())  # the trainer's finite-loss check: one host sync per step
-        with part("student_forward_backward"):
-            acc.backward(loss)
-        with part("optimizer"):
-            if acc.sync_gradients:
-                acc.clip_grad_norm_(tr.student.parameters(), cfg.max_grad_norm)
-            tr.optimizer.step()
-            tr.lr_scheduler.step()
-            tr.optimizer.zero_grad(set_to_none=True)
-    with part("ema"):
-        ema_update(tr.target.parameters(), tr.unwrap.parameters(), cfg.ema_decay)
-    return value
+    # random weights can give a non-finite loss: count it (the trainer would stop) instead of raising
+    return train_step(st, batch, part=part, lcd_models=lcd_models, check_finite=False)
 
 
-def measure(tr: Trainer, batches, args) -> dict:
+def measure(st, batches, args) -> dict:
     import torch
 
-    device = tr.accelerator.device
+    device = st.accelerator.device
     cuda = device.type == "cuda"
     losses = []
     if cuda:
@@ -339,7 +243,7 @@ def measure(tr: Trainer, batches, args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
-        losses.append(train_step(tr, batches, tr.lcd_models, None))
+        losses.append(_step(st, batches))
     if cuda:
         torch.cuda.synchronize(device)
     warmup_s = time.perf_counter() - t0
@@ -348,7 +252,7 @@ def measure(tr: Trainer, batches, args) -> dict:
         start.record()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        losses.append(train_step(tr, batches, tr.lcd_models, None))
+        losses.append(_step(st, batches))
     if cuda:
         end.record()
         end.synchronize()
@@ -357,13 +261,13 @@ def measure(tr: Trainer, batches, args) -> dict:
         step_s = (time.perf_counter() - t0) / args.steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     clock = Clock(device, sync=True)
-    models_i = instrumented(tr.lcd_models, clock)
+    models_i = instrumented(st.lcd_models, clock)
     t_total = 0.0
     for _ in range(args.parts_steps):
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        losses.append(train_step(tr, batches, models_i, clock))
+        losses.append(_step(st, batches, models_i, clock))
         if cuda:
             torch.cuda.synchronize(device)
         t_total += time.perf_counter() - t0
@@ -371,11 +275,10 @@ def measure(tr: Trainer, batches, args) -> dict:
     parts = {k: v / n for k, v in clock.parts.items()}
     # student_forward_backward also holds the student's forward, timed inside lcd_step by the wrapper
     parts["other"] = max(0.0, t_total / n - sum(v for k, v in parts.items() if k != "other"))
-    out = {"step_s": step_s, "samples_per_s": args.batch_size / step_s, "peak_mem_gib": peak, "warmup_s": warmup_s,
-           "instrumented_step_s": t_total / n if args.parts_steps else None,
-           "parts": {k: round(v, 6) for k, v in parts.items()} if args.parts_steps else {},
-           "nonfinite_losses": sum(not math.isfinite(v) for v in losses)}  # fmt: skip
-    return out
+    return {"step_s": step_s, "samples_per_s": args.batch_size / step_s, "peak_mem_gib": peak, "warmup_s": warmup_s,
+            "instrumented_step_s": t_total / n if args.parts_steps else None,
+            "parts": {k: round(v, 6) for k, v in parts.items()} if args.parts_steps else {},
+            "nonfinite_losses": sum(not math.isfinite(v) for v in losses)}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,84 +294,134 @@ def _teacher_resolution(path: str) -> int:
         return 512
 
 
-def _reference_key(args) -> str | None:
+def _reference_key(args, levers: dict) -> str | None:
+    """The DESIGN.md reference run with the same settings as this lever set, if any."""
     if args.family != "sd15" or args.teacher or args.batch_size != 12 or args.resolution != 512:
         return None
-    if args.mixed_precision == "fp16" and args.gradient_checkpointing:
+    if levers["mixed_precision"] == "fp16" and levers["gradient_checkpointing"]:
         return "fp16+checkpointing"
-    if args.mixed_precision == "bf16" and not args.gradient_checkpointing:
+    if levers["mixed_precision"] == "bf16" and not levers["gradient_checkpointing"]:
         return "bf16"
     return None
 
 
-def _config(args, tmp: Path):
-    """The TrainConfig the bench trains under: the trainer's defaults plus the bench's flags."""
+def config_for(args, tmp: Path, levers: dict):
+    """The TrainConfig the bench trains under: the trainer's defaults plus the bench's flags and levers."""
     from fastlcm.config import TrainConfig
 
     return TrainConfig(pretrained_teacher_model=args.teacher or str(tmp / "teacher"), output_dir=str(tmp / "out"),
                        seed=0, report_to="none", train_batch_size=args.batch_size, resolution=args.resolution,
-                       mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                        dataloader_num_workers=args.loader_threads,
-                       max_train_steps=args.warmup + args.steps + args.parts_steps)  # fmt: skip
+                       max_train_steps=args.warmup + args.steps + args.parts_steps,
+                       precomputed_latents=levers["input"] == "latents",
+                       **{k: v for k, v in levers.items() if k != "input"})  # fmt: skip
 
 
-def run(args) -> int:
+def load_teacher(args, tmp: Path, device_name: str):
+    """The bench's teacher (random-weight SD1.5/SDXL built on the device, the tiny one, or --teacher)."""
     import torch
 
-    from fastlcm.bench.loader import machine_info  # the loader bench's machine/commit/date stamp
-    from fastlcm.config import ConfigError
-    from fastlcm.data import LoaderError
+    from fastlcm import models
+    from fastlcm.config import local_teacher_family
+    from fastlcm.testing import make_tiny_teacher
+
+    cfg = config_for(args, tmp, levers_from_args(args))
+    if args.teacher or args.family == "tiny":
+        if not args.teacher:
+            make_tiny_teacher(tmp / "teacher", sample_size=args.resolution // 8)
+        family = local_teacher_family(cfg.pretrained_teacher_model)
+        return models.load_teacher(cfg), family
+    family = "sd" if args.family == "sd15" else "sdxl"
+    with torch.device(device_name):
+        return build_random_teacher(args.family, tmp), family
+
+
+def check_args(args) -> str | None:
+    """An error message for bad flags (exit 2), else None; fills args.resolution and args.device."""
+    import torch
 
     if args.teacher and not (Path(args.teacher) / "model_index.json").is_file():
-        print(f"fastlcm bench step: error: --teacher {args.teacher}: no model_index.json there", file=sys.stderr)
-        return 2
+        return f"--teacher {args.teacher}: no model_index.json there"
     args.resolution = args.resolution or (_teacher_resolution(args.teacher) if args.teacher
                                           else DEFAULT_RESOLUTION[args.family])  # fmt: skip
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
                              ("--warmup", args.warmup, 0), ("--parts-steps", args.parts_steps, 0),
                              ("--loader-threads", args.loader_threads, 0)):  # fmt: skip
         if value < low:
-            print(f"fastlcm bench step: error: {flag} must be >= {low}, got {value}", file=sys.stderr)
-            return 2
+            return f"{flag} must be >= {low}, got {value}"
     if args.resolution % 8:
-        print(f"fastlcm bench step: error: --resolution must be a multiple of 8, got {args.resolution}", file=sys.stderr)
+        return f"--resolution must be a multiple of 8, got {args.resolution}"
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cpu" and args.mixed_precision == "fp16":
+        return "--mixed-precision fp16 needs a CUDA device"
+    return None
+
+
+def result_record(args, st, levers: dict, result: dict, setup_s: float, stats, info: dict, name: str) -> dict:
+    """The JSON object of one measured lever set (and, flattened, its CSV row: :func:`csv_row`)."""
+    import diffusers
+    import torch
+
+    device = st.accelerator.device
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {info['cpu']}"
+    family = f"teacher:{args.teacher}" if args.teacher else args.family
+    config = {"family": family, "batch_size": args.batch_size, "resolution": args.resolution, "levers": name,
+              **{k: v for k, v in levers.items() if k != "input"}, "compile": levers["compile_unets"] != "none",
+              "loader_dtype": st.cfg.pixel_dtype(device.type == "cuda"), "input": INPUTS[levers["input"]],
+              "steps": args.steps, "warmup": args.warmup, "parts_steps": args.parts_steps,
+              "dtypes": {k: str(v).replace("torch.", "") for k, v in st.dtypes.items()},
+              "torch": torch.__version__, "diffusers": diffusers.__version__, **info}  # fmt: skip
+    argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "step"] else sys.argv[1:]
+    ref_key = _reference_key(args, levers)
+    return {**result, "gpu": gpu, "config": config, "setup_s": setup_s, "parts_note": PARTS_NOTE,
+            "reference": {"source": "DESIGN.md: diffusers train_lcm_distill_sd_wds.py on NVIDIA H200, SD1.5-shaped "
+                                    "random teacher, 512 px, batch 12", "runs": REFERENCE,
+                          "parts_bf16": REFERENCE_PARTS_BF16, "matching": ref_key},
+            "loader_stats": stats, "command": "fastlcm bench step " + shlex.join(argv)}  # fmt: skip
+
+
+def csv_row(out: dict) -> dict:
+    row = {**out["config"], **{k: out[k] for k in ("samples_per_s", "step_s", "peak_mem_gib", "instrumented_step_s",
+                                                   "warmup_s", "setup_s", "command")},
+           **{f"part_{k}": v for k, v in out["parts"].items()}, "gpu": out["gpu"]}  # fmt: skip
+    return {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def run(args) -> int:
+    error = check_args(args)
+    if error:
+        print(f"fastlcm bench step: error: {error}", file=sys.stderr)
         return 2
-    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_name == "cpu" and args.mixed_precision == "fp16":
-        print("fastlcm bench step: error: --mixed-precision fp16 needs a CUDA device", file=sys.stderr)
-        return 2
+    try:
+        if args.matrix:
+            from fastlcm.bench.step_matrix import run_matrix
+
+            return run_matrix(args)
+        return _run_single(args)
+    finally:
+        reset_accelerate()
+
+
+def _run_single(args) -> int:
+    from fastlcm.bench.loader import append_csv, machine_info  # the loader bench's machine/commit/date stamp
+    from fastlcm.config import ConfigError
+    from fastlcm.data import LoaderError
+
+    levers = levers_from_args(args)
     info = machine_info()
     tmp = Path(tempfile.mkdtemp(prefix="fastlcm-bench-step-"))
     shard_tmp = None
     t_setup = time.perf_counter()
     try:
-        from fastlcm import models
-        from fastlcm.testing import make_tiny_teacher
-        from fastlcm.train import make_shard_loader
-
-        from fastlcm.config import local_teacher_family
-
-        cfg = _config(args, tmp)
-        if args.teacher or args.family == "tiny":
-            if not args.teacher:
-                make_tiny_teacher(tmp / "teacher", sample_size=args.resolution // 8)
-            cfg.apply_defaults(local_teacher_family(cfg.pretrained_teacher_model))
-            teacher = models.load_teacher(cfg)
-        else:
-            cfg.apply_defaults("sd" if args.family == "sd15" else "sdxl")
-            teacher = build_random_teacher(args.family, tmp)
-        tr = build_trainer(cfg, teacher, device_name, args.compile)
-        device = tr.accelerator.device
-        if args.synthetic_input:
-            import itertools
-
-            batches, loader = itertools.repeat(fixed_batch(args.batch_size, args.resolution, device.type == "cuda")), None
-        else:
-            cfg.train_shards_path_or_url, shard_tmp = make_shards(args.resolution, max(8 * args.batch_size, 32))
-            loader = make_shard_loader(cfg, 0, 1, None, 0)
-            batches = iter(loader)
+        teacher, family = load_teacher(args, tmp, args.device)
+        cfg = config_for(args, tmp, levers).apply_defaults(family)
+        st = make_state(cfg, teacher, args.device)
+        shards = None
+        if levers["input"] == "loader":
+            shards, shard_tmp = make_shards(args.resolution, max(8 * args.batch_size, 32))
+        batches, loader = make_batches(st, levers, args, shards)
         setup_s = time.perf_counter() - t_setup
-        result = measure(tr, batches, args)
+        result = measure(st, batches, args)
         stats = loader.stats() if loader is not None else None
     except (ConfigError, ValueError, OSError, LoaderError) as e:
         print(f"fastlcm bench step: error: {e}", file=sys.stderr)
@@ -477,45 +430,33 @@ def run(args) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         if shard_tmp is not None:
             shutil.rmtree(shard_tmp, ignore_errors=True)
-
-    import diffusers
-
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {info['cpu']}"
-    family = f"teacher:{args.teacher}" if args.teacher else args.family
-    config = {"family": family, "batch_size": args.batch_size, "resolution": args.resolution,
-              "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
-              "compile": args.compile, "input": "synthetic (fixed pinned batch)" if args.synthetic_input else "rust loader",
-              "steps": args.steps, "warmup": args.warmup, "parts_steps": args.parts_steps,
-              "dtypes": {k: str(v).replace("torch.", "") for k, v in tr.dtypes.items()},
-              "torch": torch.__version__, "diffusers": diffusers.__version__, **info}  # fmt: skip
-    argv = sys.argv[3:] if sys.argv[1:3] == ["bench", "step"] else sys.argv[1:]
-    ref_key = _reference_key(args)
-    out = {**result, "gpu": gpu, "config": config, "setup_s": setup_s, "parts_note": PARTS_NOTE,
-           "reference": {"source": "DESIGN.md: diffusers train_lcm_distill_sd_wds.py on NVIDIA H200, SD1.5-shaped "
-                                   "random teacher, 512 px, batch 12", "runs": REFERENCE, "parts_bf16": REFERENCE_PARTS_BF16,
-                         "matching": ref_key},
-           "loader_stats": stats, "command": "fastlcm bench step " + shlex.join(argv)}  # fmt: skip
+    out = result_record(args, st, levers, result, setup_s, stats, info, "flags")
     if args.out_csv:
-        row = {**config, **{k: out[k] for k in ("samples_per_s", "step_s", "peak_mem_gib", "instrumented_step_s",
-                                                "warmup_s", "setup_s", "command")},
-               **{f"part_{k}": v for k, v in result["parts"].items()}, "gpu": gpu}  # fmt: skip
-        row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-        from fastlcm.bench.loader import append_csv
-
-        append_csv(args.out_csv, [row], CSV_COLUMNS)
+        append_csv(args.out_csv, [csv_row(out)], CSV_COLUMNS)
     if args.json:
         print(json.dumps(out))
         return 0
-    print_report(out, ref_key)
+    print_report(out, out["reference"]["matching"])
     return 0
+
+
+def levers_text(c: dict) -> str:
+    """The levers of a run's config, short: "bf16, fused AdamW, uint8+prefetch, channels_last, compile all"."""
+    bits = [c["mixed_precision"] + (" + grad ckpt" if c["gradient_checkpointing"] else ""), f"{c['optimizer_impl']} AdamW",
+            ("latents" if c["input"].startswith("cached") else c["loader_dtype"])
+            + (" + side-stream H2D" if c["device_prefetch"] else "")]
+    if c["channels_last"]:
+        bits.append("channels_last")
+    if c["compile_unets"] != "none":
+        bits.append(f"compile {c['compile_unets']} ({c['compile_mode']})")
+    return ", ".join(bits)
 
 
 def print_report(out: dict, ref_key: str | None) -> None:
     c = out["config"]
     print(f"device: {out['gpu']}; commit {c['commit']}; {c['date']}; torch {c['torch']}, diffusers {c['diffusers']}")
-    print(f"teacher {c['family']} (random weights), batch {c['batch_size']}, {c['resolution']} px, "
-          f"{c['mixed_precision']}{', gradient checkpointing' if c['gradient_checkpointing'] else ''}"
-          f"{', torch.compile' if c['compile'] else ''}; input: {c['input']}; dtypes {c['dtypes']}")  # fmt: skip
+    print(f"teacher {c['family']} (random weights), batch {c['batch_size']}, {c['resolution']} px; "
+          f"{levers_text(c)}; input: {c['input']}; dtypes {c['dtypes']}")  # fmt: skip
     print(f"setup {out['setup_s']:.1f} s, {c['warmup']} warm-up steps {out['warmup_s']:.1f} s, {c['steps']} timed steps")
     peak = "n/a" if out["peak_mem_gib"] is None else f"{out['peak_mem_gib']:.1f} GiB"
     print(f"{'':<34}{'step s':>9}{'samples/s':>11}{'peak':>11}")

@@ -1,6 +1,7 @@
 """The LCD step of DESIGN.md ("The LCD step"), as one function that reads like the numbered algorithm.
 
-:func:`lcd_step` takes a batch of images and captions and returns the consistency loss (steps 1–12); the trainer
+:func:`lcd_step` takes a batch of images (or, with ``pixels=None``, a batch of cached VAE posteriors and text
+embeddings from ``fastlcm precompute``) and captions and returns the consistency loss (steps 1–12); the trainer
 does the backward, clipping, optimizer and EMA (steps 13–14). Family-specific pieces (how captions become
 conditioning, extra UNet inputs) live behind :class:`TextConditioner`; randomness behind :class:`Draws`, so tests
 can feed fixed tensors and checkpoints can save the generator state.
@@ -148,8 +149,18 @@ def encode_latents(vae, pixels: torch.Tensor, chunk: int, scaling_factor: float,
     return torch.cat(out) * scaling_factor
 
 
+@torch.no_grad()
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, chunk: int, scaling_factor: float, draws: Draws) -> torch.Tensor:
+    """Step 1 from a cached posterior: z0 = (mean + std·noise)·scaling_factor, drawn in the same chunks as
+    :func:`encode_latents`, so the same draws give the same z0 as encoding the same crop; fp32 result."""
+    out = []
+    for m, s in zip(mean.split(chunk), std.split(chunk)):
+        out.append((m + s * draws.latent_noise(m.shape).to(m.dtype)).float())
+    return torch.cat(out) * scaling_factor
+
+
 def lcd_step(
-    pixels: torch.Tensor,
+    pixels: torch.Tensor | None,
     captions: Sequence[str],
     models: LCDModels,
     grid: lcm.SolverGrid,
@@ -157,11 +168,18 @@ def lcd_step(
     draws: Draws,
     batch: Any = None,
 ) -> StepOutput:
-    """Steps 1–12 of the LCD algorithm for one batch; returns the loss (fp32 scalar, grad w.r.t. the student)."""
-    B, ptype, s_ = pixels.shape[0], models.prediction_type, settings
+    """Steps 1–12 of the LCD algorithm for one batch; returns the loss (fp32 scalar, grad w.r.t. the student).
 
-    # 1. z0 = VAE.encode(x).sample() · scaling_factor
-    z0 = encode_latents(models.vae, pixels, s_.vae_encode_batch_size, models.scaling_factor, draws)
+    ``pixels=None``: cached latents — ``batch`` carries ``latent_mean`` / ``latent_std`` (the unscaled VAE
+    posterior, on the device) and ``models.text`` reads its cached embeddings (models.PrecomputedConditioner).
+    """
+    B, ptype, s_ = len(captions) if pixels is None else pixels.shape[0], models.prediction_type, settings
+
+    # 1. z0 = VAE.encode(x).sample() · scaling_factor (or the cached posterior, sampled with the same draw)
+    if pixels is None:
+        z0 = sample_latents(batch.latent_mean, batch.latent_std, s_.vae_encode_batch_size, models.scaling_factor, draws)
+    else:
+        z0 = encode_latents(models.vae, pixels, s_.vae_encode_batch_size, models.scaling_factor, draws)
     nd = z0.ndim
 
     # 2. c = text embedding of the captions; c∅ = the unconditional embedding
