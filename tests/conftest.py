@@ -36,3 +36,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test starts without Accelerate's process-wide state: its first Accelerator fixes the mixed precision
+    for the whole process (a later Accelerator with another precision raises), and tests train in several."""
+    import sys
+
+    yield
+    if "accelerate" in sys.modules:
+        from fastlcm.bench.step import reset_accelerate
+
+        reset_accelerate()
