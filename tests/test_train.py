@@ -376,3 +376,15 @@ def test_train_refuses_an_accelerate_state_with_other_mixed_precision(tiny_teach
         assert not (tmp_path / "checkpoint-1").exists()
     finally:
         reset_accelerate()
+
+
+def test_compile_cache_persists_outside_tmp_unless_the_user_chose(monkeypatch, tmp_path):
+    from fastlcm import models
+
+    monkeypatch.delenv(models.COMPILE_CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    wrapped = models.compiled(torch.nn.Linear(2, 2), "default")  # torch.compile is lazy: nothing compiles here
+    assert callable(wrapped)
+    assert os.environ[models.COMPILE_CACHE_ENV] == str(tmp_path / "xdg" / "fastlcm" / "torchinductor")
+    monkeypatch.setenv(models.COMPILE_CACHE_ENV, str(tmp_path / "mine"))
+    assert models.compile_cache_dir() == str(tmp_path / "mine")

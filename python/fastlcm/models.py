@@ -334,7 +334,25 @@ def set_memory_format(modules, channels_last: bool) -> None:
         m.to(memory_format=fmt)
 
 
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compile_cache_dir() -> str:
+    """Where torch.compile keeps its compiled graphs and kernels between runs: ``$TORCHINDUCTOR_CACHE_DIR`` when
+    set, else ``$XDG_CACHE_HOME/fastlcm/torchinductor`` (``~/.cache/…``), set for this process. Inductor's own
+    default is under /tmp, which job schedulers and containers often wipe; a resumed or repeated run then pays the
+    minutes of compilation again."""
+    import os
+
+    if not os.environ.get(COMPILE_CACHE_ENV):
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ[COMPILE_CACHE_ENV] = os.path.join(base, "fastlcm", "torchinductor")
+    return os.environ[COMPILE_CACHE_ENV]
+
+
 def compiled(module, mode: str):
     """A torch.compile wrapper of ``module`` for the LCD step's forwards; ``module`` itself stays uncompiled (its
-    state_dict, checkpoints, validation and export are unchanged)."""
+    state_dict, checkpoints, validation and export are unchanged). Compiled artifacts persist in
+    :func:`compile_cache_dir`."""
+    compile_cache_dir()
     return torch.compile(module, mode=None if mode == "default" else mode)

@@ -18,14 +18,13 @@ Latent shard format (one sample per source image; see the README section "Cached
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from fastlcm import _native
-from fastlcm.data.loader import LoaderError, _check_int, _env_int, _parse_json
+from fastlcm.data.loader import LoaderError, _check_int, _NativeStream, _parse_json, available_cores
 
 FORMAT = "fastlcm-latents-1"
 """Value of the ``format`` metadata key of every latent file this version reads and writes."""
@@ -90,7 +89,7 @@ class _Sample:
     caption: str
 
 
-class LatentShardLoader:
+class LatentShardLoader(_NativeStream):
     """Streams latent shards written by ``fastlcm precompute`` into :class:`LatentBatch` objects.
 
     Arguments mean what they mean for :class:`fastlcm.data.ShardLoader`. ``on_error="skip"`` skips and counts
@@ -118,44 +117,15 @@ class LatentShardLoader:
         expect_family: str | None = None,
         expect_resolution: int | None = None,
     ):
-        if isinstance(shards, (str, os.PathLike)):
-            specs = [os.fspath(shards)]
-        elif isinstance(shards, Sequence) and shards and all(isinstance(s, (str, os.PathLike)) for s in shards):
-            specs = [os.fspath(s) for s in shards]
-        else:
-            raise ValueError(f"shards must be a spec string or a non-empty list of them, got {shards!r}")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        _check_int("shuffle_buffer", shuffle_buffer, 0)
-        if threads is None:
-            try:
-                threads = min(4, len(os.sched_getaffinity(0)))  # the raw-mode check is cheap
-            except AttributeError:  # not Linux
-                threads = min(4, os.cpu_count() or 1)
-        self.threads = _check_int("threads", threads, 1)
-        self.rank = _check_int("rank", _env_int("RANK", 0) if rank is None else rank, 0)
-        self.world_size = _check_int("world_size", _env_int("WORLD_SIZE", 1) if world_size is None else world_size, 1)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be < world_size, got rank={self.rank}, world_size={self.world_size}")
-        if epochs is not None:
-            _check_int("epochs", epochs, 1)
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        specs = self._common_args(shards, batch_size, seed, shuffle_buffer, threads, rank, world_size, epochs,
+                                  on_error, pin_memory, default_threads=min(4, available_cores()))  # the raw-mode check is cheap
         if expect_family is not None and expect_family not in FAMILIES:
             raise ValueError(f"expect_family must be one of {FAMILIES} or None, got {expect_family!r}")
         if expect_resolution is not None:
             _check_int("expect_resolution", expect_resolution, 8)
-        if pin_memory is None:
-            pin_memory = torch.cuda.is_available()
-        elif pin_memory and not torch.cuda.is_available():
-            raise ValueError("pin_memory=True needs a CUDA device (torch.cuda.is_available() is False)")
-        self.pin_memory = bool(pin_memory)
         self.expect_family, self.expect_resolution = expect_family, expect_resolution
         self._layout: dict[str, tuple] | None = None  # tensor shapes of the first sample; every later one must match
         self._layout_from = ""
-        self._pid = os.getpid()
-        self._exhausted = False
         self._native = _native.Loader(
             specs, self.batch_size, 8, seed=seed & 0xFFFF_FFFF_FFFF_FFFF, shuffle_buffer=shuffle_buffer,
             threads=self.threads, rank=self.rank, world_size=self.world_size, resampled=bool(resampled),
@@ -163,32 +133,6 @@ class LatentShardLoader:
             min_original_width=0, min_original_height=0, max_pwatermark=None, max_consecutive_rejections=10000,
             dct_scaling=False, prefetch_batches=2, http_timeout_s=30.0, http_retries=3, raw=True,
         )
-
-    @property
-    def urls(self) -> list[str]:
-        """All shard URLs after brace expansion (before the split across ranks)."""
-        return self._native.urls()
-
-    def _check_fork(self) -> None:
-        if os.getpid() != self._pid:
-            raise LoaderError(
-                f"LatentShardLoader was created in process {self._pid} and used in process {os.getpid()} after a "
-                "fork; its Rust threads do not exist in the child. Create the loader in the process that iterates it."
-            )
-
-    def __iter__(self) -> Iterator[LatentBatch]:
-        self._check_fork()
-        if self._exhausted:
-            self._native.reset()
-            self._exhausted = False
-        return self._batches()
-
-    def _batches(self) -> Iterator[LatentBatch]:
-        while True:
-            batch = self.next_batch()
-            if batch is None:
-                return
-            yield batch
 
     def _parse(self, members: dict[str, bytes], raw_json: bytes | None, caption: str, key: str,
                shard: str) -> _Sample:
@@ -302,19 +246,6 @@ class LatentShardLoader:
             flipped=torch.tensor([s.meta_json["flipped"] for s in samples], dtype=torch.bool),
             shards=shards,
         )
-
-    def state_dict(self) -> dict:
-        """JSON-serializable position after the last returned batch (plus a fingerprint of the config)."""
-        self._check_fork()
-        return json.loads(self._native.state_json())
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume a loader with the same configuration exactly after the last batch its state_dict saw."""
-        self._check_fork()
-        if not isinstance(state, dict):
-            raise ValueError(f"state_dict must be a dict, got {type(state).__name__}")
-        self._native.load_state_json(json.dumps(state))
-        self._exhausted = False
 
     def stats(self) -> dict[str, Any]:
         """Counters as ShardLoader's; ``skipped`` has ``corrupt_latent`` / ``missing_latent`` instead of the

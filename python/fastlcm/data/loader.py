@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -116,13 +116,108 @@ def _parse_json(raw: bytes | None) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-class ShardLoader:
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask on Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class _NativeStream:
+    """What both Rust-backed loaders share: argument checks, iteration, fork refusal, resume and stats over a
+    ``fastlcm._native.Loader``. A subclass sets ``self._native`` and implements ``next_batch``."""
+
+    _fork_hint = ""
+
+    def _common_args(self, shards, batch_size, seed, shuffle_buffer, threads, rank, world_size, epochs, on_error,
+                     pin_memory, default_threads: int) -> list[str]:
+        """Check the arguments both loaders take, set the attributes they share; return the shard specs."""
+        if isinstance(shards, (str, os.PathLike)):
+            specs = [os.fspath(shards)]
+        elif isinstance(shards, Sequence) and shards and all(isinstance(s, (str, os.PathLike)) for s in shards):
+            specs = [os.fspath(s) for s in shards]
+        else:
+            raise ValueError(f"shards must be a spec string or a non-empty list of them, got {shards!r}")
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        _check_int("shuffle_buffer", shuffle_buffer, 0)
+        self.threads = _check_int("threads", default_threads if threads is None else threads, 1)
+        self.rank = _check_int("rank", _env_int("RANK", 0) if rank is None else rank, 0)
+        self.world_size = _check_int("world_size", _env_int("WORLD_SIZE", 1) if world_size is None else world_size, 1)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be < world_size, got rank={self.rank}, world_size={self.world_size}")
+        if epochs is not None:
+            _check_int("epochs", epochs, 1)
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        elif pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory=True needs a CUDA device (torch.cuda.is_available() is False)")
+        self.pin_memory = bool(pin_memory)
+        self._pid = os.getpid()
+        self._exhausted = False
+        return specs
+
+    @property
+    def urls(self) -> list[str]:
+        """All shard URLs after brace expansion (before the split across ranks)."""
+        return self._native.urls()
+
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid:
+            raise LoaderError(
+                f"{type(self).__name__} was created in process {self._pid} and used in process {os.getpid()} after "
+                "a fork; its Rust threads do not exist in the child. Create the loader in the process that iterates "
+                f"it{self._fork_hint}."
+            )
+
+    def __iter__(self):
+        self._check_fork()
+        if self._exhausted:
+            self._native.reset()
+            self._exhausted = False
+        return self._batches()
+
+    def _batches(self):
+        while True:
+            batch = self.next_batch()
+            if batch is None:
+                return
+            yield batch
+
+    def next_batch(self):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """JSON-serializable position after the last returned batch (plus a fingerprint of the config)."""
+        self._check_fork()
+        return json.loads(self._native.state_json())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume a loader with the same configuration exactly after the last batch its state_dict saw."""
+        self._check_fork()
+        if not isinstance(state, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(state).__name__}")
+        self._native.load_state_json(json.dumps(state))
+        self._exhausted = False
+
+    def stats(self) -> dict:
+        """Counters: samples read/yielded, batches, bytes, shards opened/failed, skipped by reason, timings_s."""
+        return json.loads(self._native.stats_json())
+
+
+class ShardLoader(_NativeStream):
     """Streams WebDataset tar shards into ready training batches (see the class docs in the README).
 
     Iterating yields :class:`Batch` objects; the final partial batch of an epoch is dropped (counted in
     ``stats()["skipped"]["partial_batch"]``). Iterating again after the end starts over from the beginning.
     Batches depend only on (shards, seed, rank, world_size, epoch, options), never on ``threads``.
     """
+
+    _fork_hint = " (it needs no DataLoader worker processes)"
 
     def __init__(
         self,
@@ -151,35 +246,13 @@ class ShardLoader:
         http_timeout_s: float = 30.0,
         http_retries: int = 3,
     ):
-        if isinstance(shards, (str, os.PathLike)):
-            specs = [os.fspath(shards)]
-        elif isinstance(shards, Sequence) and shards and all(isinstance(s, (str, os.PathLike)) for s in shards):
-            specs = [os.fspath(s) for s in shards]
-        else:
-            raise ValueError(f"shards must be a spec string or a non-empty list of them, got {shards!r}")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
+        specs = self._common_args(shards, batch_size, seed, shuffle_buffer, threads, rank, world_size, epochs,
+                                  on_error, pin_memory, default_threads=available_cores())
         self.resolution = _check_int("resolution", resolution, 1)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        _check_int("shuffle_buffer", shuffle_buffer, 0)
-        if threads is None:
-            try:
-                threads = len(os.sched_getaffinity(0))
-            except AttributeError:  # not Linux
-                threads = os.cpu_count() or 1
-        self.threads = _check_int("threads", threads, 1)
-        self.rank = _check_int("rank", _env_int("RANK", 0) if rank is None else rank, 0)
-        self.world_size = _check_int("world_size", _env_int("WORLD_SIZE", 1) if world_size is None else world_size, 1)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be < world_size, got rank={self.rank}, world_size={self.world_size}")
-        if epochs is not None:
-            _check_int("epochs", epochs, 1)
         if crop not in ("random", "center"):
             raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         _check_int("min_original_width", min_original_width, 0)
         _check_int("min_original_height", min_original_height, 0)
         if max_pwatermark is not None and not isinstance(max_pwatermark, (int, float)):
@@ -189,14 +262,7 @@ class ShardLoader:
         _check_int("http_retries", http_retries, 0)
         if not isinstance(http_timeout_s, (int, float)) or not http_timeout_s > 0:
             raise ValueError(f"http_timeout_s must be > 0, got {http_timeout_s!r}")
-        if pin_memory is None:
-            pin_memory = torch.cuda.is_available()
-        elif pin_memory and not torch.cuda.is_available():
-            raise ValueError("pin_memory=True needs a CUDA device (torch.cuda.is_available() is False)")
-        self.pin_memory = bool(pin_memory)
         self.dtype = _DTYPES[dtype]
-        self._pid = os.getpid()
-        self._exhausted = False
         self._pool = None if self.pin_memory else _BufferPool(prefetch_batches + 2)
         self._native = _native.Loader(
             specs,
@@ -223,33 +289,6 @@ class ShardLoader:
             http_retries=http_retries,
         )
 
-    @property
-    def urls(self) -> list[str]:
-        """All shard URLs after brace expansion (before the split across ranks)."""
-        return self._native.urls()
-
-    def _check_fork(self) -> None:
-        if os.getpid() != self._pid:
-            raise LoaderError(
-                f"ShardLoader was created in process {self._pid} and used in process {os.getpid()} after a fork; "
-                "its Rust threads do not exist in the child. Create the loader in the process that iterates it "
-                "(it needs no DataLoader worker processes)."
-            )
-
-    def __iter__(self) -> Iterator[Batch]:
-        self._check_fork()
-        if self._exhausted:
-            self._native.reset()
-            self._exhausted = False
-        return self._batches()
-
-    def _batches(self) -> Iterator[Batch]:
-        while True:
-            batch = self.next_batch()
-            if batch is None:
-                return
-            yield batch
-
     def next_batch(self) -> Batch | None:
         """The next batch, or None at the end of the stream."""
         self._check_fork()
@@ -275,23 +314,6 @@ class ShardLoader:
             flipped=torch.tensor(flipped, dtype=torch.bool),
             shards=shards,
         )
-
-    def state_dict(self) -> dict:
-        """JSON-serializable position after the last returned batch (plus a fingerprint of the config)."""
-        self._check_fork()
-        return json.loads(self._native.state_json())
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume a loader with the same configuration exactly after the last batch its state_dict saw."""
-        self._check_fork()
-        if not isinstance(state, dict):
-            raise ValueError(f"state_dict must be a dict, got {type(state).__name__}")
-        self._native.load_state_json(json.dumps(state))
-        self._exhausted = False
-
-    def stats(self) -> dict:
-        """Counters: samples read/yielded, batches, bytes, shards opened/failed, skipped by reason, timings_s."""
-        return json.loads(self._native.stats_json())
 
     def __repr__(self) -> str:
         return (
