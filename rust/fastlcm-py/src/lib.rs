@@ -74,6 +74,34 @@ fn lock(m: &Mutex<Loader>) -> MutexGuard<'_, Loader> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The optional json member of each sample as Python bytes (None where absent).
+fn json_list<'py>(py: Python<'py>, json: &[Option<Vec<u8>>]) -> PyResult<Bound<'py, PyList>> {
+    let items: Vec<Option<Bound<'py, PyBytes>>> = json
+        .iter()
+        .map(|j| j.as_deref().map(|b| PyBytes::new(py, b)))
+        .collect();
+    PyList::new(py, items)
+}
+
+impl PyLoader {
+    /// Calls `poll` (GIL released, loader locked) until a batch is ready or the stream ends, checking for
+    /// Ctrl-C between polls so that a long wait stays interruptible.
+    fn poll_until_batch(
+        &self,
+        py: Python<'_>,
+        mut poll: impl FnMut(&mut Loader) -> fastlcm_data::Result<Poll> + Send,
+    ) -> PyResult<Option<fastlcm_data::batch::BatchMeta>> {
+        loop {
+            let polled = py.detach(|| poll(&mut lock(&self.inner)));
+            match polled.map_err(to_py)? {
+                Poll::Ready(m) => return Ok(Some(m)),
+                Poll::Finished => return Ok(None),
+                Poll::Pending => py.check_signals()?,
+            }
+        }
+    }
+}
+
 #[pymethods]
 impl PyLoader {
     #[new]
@@ -193,90 +221,62 @@ impl PyLoader {
         if ptr == 0 {
             return Err(PyValueError::new_err("destination pointer is null"));
         }
-        loop {
-            let polled = py.detach(|| {
-                let mut l = lock(&self.inner);
-                if nbytes != l.batch_nbytes() {
-                    return Err(Error::InvalidArgument(format!(
-                        "destination has {nbytes} bytes, a batch needs {}",
-                        l.batch_nbytes()
-                    )));
-                }
-                // SAFETY: the Python wrapper passes `tensor.data_ptr()` of a freshly allocated contiguous tensor of
-                // exactly `nbytes` bytes that it keeps referenced (so alive) and does not touch until this call
-                // returns; nothing else holds a Rust reference to that memory.
-                let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, nbytes) };
-                l.poll_batch(dst, Duration::from_millis(200))
-            });
-            match polled.map_err(to_py)? {
-                Poll::Ready(m) => {
-                    let json: Vec<Option<Bound<'py, PyBytes>>> = m
-                        .json
-                        .iter()
-                        .map(|j| j.as_deref().map(|b| PyBytes::new(py, b)))
-                        .collect();
-                    let sizes: Vec<(u32, u32)> =
-                        m.original_sizes.iter().map(|s| (s[0], s[1])).collect();
-                    let crops: Vec<(u32, u32)> =
-                        m.crop_coords.iter().map(|s| (s[0], s[1])).collect();
-                    let items: Vec<Bound<'py, PyAny>> = vec![
-                        PyList::new(py, m.keys)?.into_any(),
-                        PyList::new(py, m.captions)?.into_any(),
-                        PyList::new(py, json)?.into_any(),
-                        PyList::new(py, sizes)?.into_any(),
-                        PyList::new(py, crops)?.into_any(),
-                        PyList::new(py, m.flipped)?.into_any(),
-                        PyList::new(py, m.shards)?.into_any(),
-                    ];
-                    return Ok(Some(PyTuple::new(py, items)?));
-                }
-                Poll::Finished => return Ok(None),
-                Poll::Pending => py.check_signals()?,
+        let meta = self.poll_until_batch(py, |l| {
+            if nbytes != l.batch_nbytes() {
+                return Err(Error::InvalidArgument(format!(
+                    "destination has {nbytes} bytes, a batch needs {}",
+                    l.batch_nbytes()
+                )));
             }
-        }
+            // SAFETY: the Python wrapper passes `tensor.data_ptr()` of a freshly allocated contiguous tensor of
+            // exactly `nbytes` bytes that it keeps referenced (so alive) and does not touch until this call
+            // returns; nothing else holds a Rust reference to that memory.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, nbytes) };
+            l.poll_batch(dst, Duration::from_millis(200))
+        })?;
+        let Some(m) = meta else { return Ok(None) };
+        let sizes: Vec<(u32, u32)> = m.original_sizes.iter().map(|s| (s[0], s[1])).collect();
+        let crops: Vec<(u32, u32)> = m.crop_coords.iter().map(|s| (s[0], s[1])).collect();
+        let items: Vec<Bound<'py, PyAny>> = vec![
+            PyList::new(py, m.keys)?.into_any(),
+            PyList::new(py, m.captions)?.into_any(),
+            json_list(py, &m.json)?.into_any(),
+            PyList::new(py, sizes)?.into_any(),
+            PyList::new(py, crops)?.into_any(),
+            PyList::new(py, m.flipped)?.into_any(),
+            PyList::new(py, m.shards)?.into_any(),
+        ];
+        Ok(Some(PyTuple::new(py, items)?))
     }
 
     /// Raw mode: the next batch as `(keys, captions, json_bytes, members, shards)` where `members` holds one
     /// `{extension: bytes}` dict per sample, or None at the end.
     fn next_raw_batch<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        loop {
-            let polled = py.detach(|| {
-                let mut l = lock(&self.inner);
-                if !l.config().raw {
-                    return Err(Error::Usage(
-                        "next_raw_batch needs a loader created with raw=True".into(),
-                    ));
-                }
-                l.poll_batch(&mut [], Duration::from_millis(200))
-            });
-            match polled.map_err(to_py)? {
-                Poll::Ready(m) => {
-                    let json: Vec<Option<Bound<'py, PyBytes>>> = m
-                        .json
-                        .iter()
-                        .map(|j| j.as_deref().map(|b| PyBytes::new(py, b)))
-                        .collect();
-                    let members = PyList::empty(py);
-                    for sample in &m.members {
-                        let d = PyDict::new(py);
-                        for (ext, bytes) in sample {
-                            d.set_item(ext, PyBytes::new(py, bytes))?;
-                        }
-                        members.append(d)?;
-                    }
-                    let items: Vec<Bound<'py, PyAny>> = vec![
-                        PyList::new(py, m.keys)?.into_any(),
-                        PyList::new(py, m.captions)?.into_any(),
-                        PyList::new(py, json)?.into_any(),
-                        members.into_any(),
-                        PyList::new(py, m.shards)?.into_any(),
-                    ];
-                    return Ok(Some(PyTuple::new(py, items)?));
-                }
-                Poll::Finished => return Ok(None),
-                Poll::Pending => py.check_signals()?,
+        let meta = self.poll_until_batch(py, |l| {
+            if !l.config().raw {
+                return Err(Error::Usage(
+                    "next_raw_batch needs a loader created with raw=True".into(),
+                ));
             }
+            l.poll_batch(&mut [], Duration::from_millis(200))
+        })?;
+        let Some(m) = meta else { return Ok(None) };
+        let members = PyList::empty(py);
+        for sample in &m.members {
+            let d = PyDict::new(py);
+            for (ext, bytes) in sample {
+                d.set_item(ext, PyBytes::new(py, bytes))?;
+            }
+            members.append(d)?;
         }
+        let items: Vec<Bound<'py, PyAny>> = vec![
+            PyList::new(py, m.keys)?.into_any(),
+            PyList::new(py, m.captions)?.into_any(),
+            json_list(py, &m.json)?.into_any(),
+            members.into_any(),
+            PyList::new(py, m.shards)?.into_any(),
+        ];
+        Ok(Some(PyTuple::new(py, items)?))
     }
 
     /// Resume state as a JSON string (position + a fingerprint of the stream-defining options).
