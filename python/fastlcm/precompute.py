@@ -14,17 +14,16 @@ reads its share of the source shards and writes ``r{rank:03d}-{i:05d}.tar``; ran
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
-import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from fastlcm.config import ConfigError
+from fastlcm.data.make_shards import ShardWriter
 
 LATENT_DTYPES = ("float16", "float32", "bfloat16")
 MANIFEST = "precompute.json"
@@ -222,51 +221,6 @@ def prepare_out(out: str | os.PathLike, overwrite: bool, clean: bool = True) -> 
     return out
 
 
-class ShardWriter:
-    """Writes samples into ``out/{prefix}{i:05d}.tar``; each shard is a ``.tmp`` file until it is complete."""
-
-    def __init__(self, out: Path, prefix: str, samples_per_shard: int):
-        self.out, self.prefix, self.per = out, prefix, samples_per_shard
-        self.names: list[str] = []
-        self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
-        self._count = 0
-
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        if self._tar is None:
-            name = f"{self.prefix}{len(self.names):05d}.tar"
-            self._tmp = self.out / f".{name}.tmp"
-            self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
-            self._name, self._count = name, 0
-        for ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            self._tar.addfile(info, io.BytesIO(data))
-        self._count += 1
-        if self._count == self.per:
-            self._finish()
-
-    def _finish(self) -> None:
-        self._tar.close()
-        with open(self._tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self._tmp, self.out / self._name)
-        self.names.append(self._name)
-        self._tar = self._tmp = None
-
-    def close(self) -> None:
-        """Finish the last (partial) shard."""
-        if self._tar is not None:
-            self._finish()
-
-    def abort(self) -> None:
-        """Drop the shard in progress (its temporary file); finished shards stay."""
-        if self._tar is not None:
-            self._tar.close()
-            self._tmp.unlink(missing_ok=True)
-            self._tar = self._tmp = None
-
-
 def sample_members(tensors: dict[str, Any], i: int, meta: dict[str, str], info: dict) -> list[tuple[str, bytes]]:
     """The members of one latent sample: safetensors of row ``i`` of each tensor, json, txt."""
     from safetensors.torch import save
@@ -293,7 +247,7 @@ def write_rank(opts: PrecomputeOptions, encoder: Encoder, rank: int = 0, world_s
     loader = ShardLoader(opts.shards, 1, r, seed=opts.seed, shuffle_buffer=0, threads=opts.threads, rank=rank,
                          world_size=world_size, epochs=1, crop="center" if opts.center_crop else "random",
                          random_flip=opts.random_flip, pin_memory=False, prefetch_batches=max(2, 2 * opts.batch_size))
-    writer = ShardWriter(out, prefix, opts.samples_per_shard)
+    writer = ShardWriter(out, prefix, opts.samples_per_shard, overwrite=True)  # prepare_out cleared --out
     bar = tqdm(total=opts.max_samples, unit="img", desc=f"precompute (rank {rank})" if world_size > 1 else
                "precompute", disable=not progress, file=sys.stderr)
     count, pending = 0, []
@@ -317,7 +271,8 @@ def write_rank(opts: PrecomputeOptions, encoder: Encoder, rank: int = 0, world_s
         bar.close()
     if count == 0:
         raise ConfigError(f"--shards {opts.shards}: rank {rank} read no image (stats: {loader.stats()})")
-    manifest = {"rank": rank, "count": count, "shards": writer.names, "prefix": prefix, "stats": loader.stats()}
+    manifest = {"rank": rank, "count": count, "shards": [p.name for p in writer.paths], "prefix": prefix,
+                "stats": loader.stats()}
     (out / f".precompute.rank{rank:03d}.json").write_text(json.dumps(manifest))
     return manifest
 

@@ -212,7 +212,7 @@ def make_synthetic(args) -> tuple[str, Path]:
     tmp = Path(tempfile.mkdtemp(prefix="fastlcm-bench-"))
     ns = Namespace(synthetic=args.synthetic, seed=0, format="jpg", quality=90, min_size=args.min_size,
                    max_size=args.max_size)  # fmt: skip
-    writer = ShardWriter(tmp, "bench", max(1, args.synthetic // 8), overwrite=True)
+    writer = ShardWriter(tmp, "bench-", max(1, args.synthetic // 8), overwrite=True)
     for key, members in synthetic_samples(ns):
         writer.add(key, members)
     writer.close()

@@ -148,26 +148,30 @@ def synthetic_samples(args):
 
 
 class ShardWriter:
-    """Writes samples into numbered tar shards, each written to a temporary name and renamed when complete."""
+    """Writes samples into numbered tar shards ``out/{prefix}{i:05d}.tar``. Each shard is written to a hidden
+    temporary file (``.{name}.tmp``), flushed to disk and renamed when complete, so a crash never leaves a truncated
+    shard under a final name (make-shards and precompute)."""
 
-    def __init__(self, out: Path, prefix: str, samples_per_shard: int, overwrite: bool):
-        self.out, self.prefix, self.per_shard, self.overwrite = out, prefix, samples_per_shard, overwrite
+    def __init__(self, out: Path, prefix: str, samples_per_shard: int, overwrite: bool = False):
+        self.out, self.prefix, self.per_shard, self.overwrite = Path(out), prefix, samples_per_shard, overwrite
         self.paths: list[Path] = []
+        """Shards written so far, the one in progress last."""
         self.samples = 0
         self._tar = None
         self._tmp: Path | None = None
         self._count = 0
 
     def _open(self) -> None:
-        final = self.out / f"{self.prefix}-{len(self.paths):05d}.tar"
+        final = self.out / f"{self.prefix}{len(self.paths):05d}.tar"
         if final.exists() and not self.overwrite:
             raise MakeShardsError(f"{final} already exists (pass --overwrite to replace it)")
-        self._tmp = final.with_name(final.name + ".tmp")
+        self._tmp = final.with_name(f".{final.name}.tmp")
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
         self.paths.append(final)
         self._count = 0
 
     def add(self, key: str, members) -> None:
+        """One sample: ``members`` is a list of (extension, bytes)."""
         if self._tar is None:
             self._open()
         for ext, data in members:
@@ -180,17 +184,21 @@ class ShardWriter:
             self.close()
 
     def close(self) -> None:
+        """Finish the shard in progress (it may hold fewer than samples_per_shard samples)."""
         if self._tar is not None:
             self._tar.close()
+            with open(self._tmp, "rb+") as f:
+                os.fsync(f.fileno())
             os.replace(self._tmp, self.paths[-1])
-            self._tar = None
+            self._tar = self._tmp = None
 
     def abort(self) -> None:
+        """Drop the shard in progress (its temporary file); finished shards stay."""
         if self._tar is not None:
             self._tar.close()
             self._tmp.unlink(missing_ok=True)
             self.paths.pop()
-            self._tar = None
+            self._tar = self._tmp = None
 
 
 def brace_spec(paths: list[Path]) -> str:
@@ -213,7 +221,7 @@ def run(args) -> int:
         if first is None:
             raise MakeShardsError(f"--images {args.images}: every image was skipped (no captions)")
         out.mkdir(parents=True, exist_ok=True)
-        writer = ShardWriter(out, args.prefix, args.samples_per_shard, args.overwrite)
+        writer = ShardWriter(out, f"{args.prefix}-", args.samples_per_shard, args.overwrite)
         writer.add(*first)
         for key, members in samples:
             writer.add(key, members)
