@@ -147,3 +147,12 @@ def test_bench_step_matrix_rejects_unknown_sets(capsys):
     assert "+turbo" in capsys.readouterr().err
     assert main(["bench", "step", "--family", "tiny", "--device", "cpu", "--matrix", "reference-fp16-ckpt"]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_images_plus_compile_set_is_the_compile_set_on_images():
+    from fastlcm.bench.step_matrix import lever_set, parse_sets
+
+    assert "images+compile" in parse_sets("all")
+    on_images, on_latents = lever_set("images+compile", "loader"), lever_set("+compile", "loader")
+    assert on_latents["input"] == "latents" and on_images["input"] == "loader"
+    assert {k: v for k, v in on_images.items() if k != "input"} == {k: v for k, v in on_latents.items() if k != "input"}

@@ -5,8 +5,9 @@ Accelerator (train.setup), its own input, and a clean slate: the previous set's 
 caches reset, the CUDA cache emptied and the peak-memory counter reset. One table is printed and one CSV row per
 set written (column ``levers`` = the set's name).
 
-Sets: the two references, and cumulative ``+`` sets in :data:`CHAIN` order, so each lever's gain is the ratio of
-a set to the one before it.
+Sets: the two references, cumulative ``+`` sets in :data:`CHAIN` order, so each lever's gain is the ratio of a set
+to the one before it, and :data:`EXTRA` sets (``images+compile``: the ``+compile`` levers on images, to compare
+cached latents with the image path under torch.compile).
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ CHAIN = (
     ("+compile", {"compile_unets": "all", "compile_mode": "default"}),
     ("+compile-ro", {"compile_mode": "reduce-overhead"}),
 )
-SETS = ("reference-bf16", "reference-fp16-ckpt", *(name for name, _ in CHAIN))
+EXTRA = {"images+compile": "+compile"}
+"""Sets outside the chain: a chain set's levers with the image input (VAE and text encode in the step)."""
+SETS = ("reference-bf16", "reference-fp16-ckpt", *(name for name, _ in CHAIN), *EXTRA)
 
 
 def lever_set(name: str, image_input: str) -> dict:
     """The levers of a named set; ``image_input`` (loader or synthetic) is the input of the image sets."""
+    if name in EXTRA:
+        return {**lever_set(EXTRA[name], image_input), "input": image_input}
     if name == "reference-fp16-ckpt":
         levers = {**REFERENCE_BF16, "mixed_precision": "fp16", "gradient_checkpointing": True}
     elif name == "reference-bf16":
