@@ -8,7 +8,7 @@
 #   rm -rf .whl && mkdir .whl
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl diffusers==0.42.1 webdataset==1.0.2 braceexpand==0.1.7
+#       -d .whl diffusers==0.42.1 webdataset==1.0.2 braceexpand==0.1.7 importlib_metadata lazy-importer
 #   # 2. the fastlcm wheel (abi3, so the cp311 build here runs on the image's Python 3.12), and the commit it is of:
 #   maturin build --release --out .whl          # (pip wheel . --no-deps -w .whl does the same through pip)
 #   git rev-parse --short HEAD > .whl/COMMIT; git diff --quiet HEAD || echo "$(cat .whl/COMMIT)+dirty" > .whl/COMMIT
@@ -19,9 +19,11 @@
 #   #    (every JSON, stderr and the pytest log). Append the CSV rows to benches/results/{step,kernels,loader}.csv.
 #   #    Then give_back unless you rerun at once.
 # Outside the device tool $OUT is unset: the files go to ./gpu_check_out instead.
-# Stages: GPU_CHECK_STAGES (default "tests kernels kernels_graph kernels_compile step_matrix loader"; also step_bf16
-# step_fp16);
-# the step matrix's lever sets: GPU_CHECK_MATRIX (comma list, see `fastlcm bench step --help`).
+# Stages run in the order GPU_CHECK_STAGES names them (default "tests kernels kernels_graph loader step_matrix", about
+# 7.5 min on an H200; also kernels_compile, step_bf16, step_fp16). Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP.
+# Test files: GPU_CHECK_TESTS. The step matrix's lever sets: GPU_CHECK_MATRIX (comma list or "all"; default the two
+# references, +latents and +compile, whose compile takes about 200 s; `all` adds every cumulative lever and needs
+# a larger budget). Results of earlier runs: benches/results/gpu/README.md.
 # GPU_CHECK_SMOKE=1 runs the same stages on a CPU at toy sizes (tiny teacher, 24 images; tests only collected), to
 # check the script itself before spending device time: GPU_CHECK_SMOKE=1 bash benches/gpu_check.sh  (~30 s)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -58,7 +60,7 @@ import torch
 print("cuda available:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
 
-STAGES=${GPU_CHECK_STAGES:-tests kernels kernels_graph kernels_compile step_matrix loader}
+STAGES=${GPU_CHECK_STAGES:-tests kernels kernels_graph loader step_matrix}
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     TESTS_MODE="--collect-only"; export OMP_NUM_THREADS=1
     KERNELS_ARGS="--device cpu --sizes 2x4x8x8 --warmup 1 --iters 2"; KCOMPILE_SIZES="2x4x8x8"; KGRAPH=""
@@ -72,7 +74,7 @@ else
     KERNELS_ARGS="--warmup 10 --iters 100"; KCOMPILE_SIZES="sd15:12,sdxl:12"; KGRAPH="--cuda-graph"
     STEP_ARGS="--family sd15 --batch-size 12 --resolution 512 --steps 20"
     MATRIX_ARGS="--family sd15 --batch-size 12 --resolution 512 --steps 15 --warmup 4 --parts-steps 3"
-    MATRIX_SETS=${GPU_CHECK_MATRIX:-reference-bf16,reference-fp16-ckpt,+fused-adam,+uint8-prefetch,+channels-last,+latents,+compile}
+    MATRIX_SETS=${GPU_CHECK_MATRIX:-reference-bf16,reference-fp16-ckpt,+latents,+compile}
     FP16="fp16 --gradient-checkpointing"
     LOADER_ARGS="--synthetic 256 --threads 16 --seconds 8 --decode-images 96"
 fi
