@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from fastlcm import _native
-from fastlcm.data.loader import LoaderError, _check_int, _NativeStream, _parse_json, available_cores
+from fastlcm.data.loader import LoaderError, SampleInfo, _check_int, _NativeStream, _parse_json, available_cores
 
 FORMAT = "fastlcm-latents-1"
 """Value of the ``format`` metadata key of every latent file this version reads and writes."""
@@ -38,8 +38,9 @@ class LatentFormatError(LoaderError):
 
 
 @dataclass
-class LatentBatch:
-    """One fixed-shape batch of cached latents, samples in stream order."""
+class LatentBatch(SampleInfo):
+    """One fixed-shape batch of cached latents (original_sizes / crop_coords / flipped come from each sample's
+    json: the source image and the crop that was encoded)."""
 
     latent_mean: torch.Tensor
     """float32 [B, 4, R/8, R/8]: VAE posterior mean (unscaled); pinned if pin_memory."""
@@ -49,23 +50,6 @@ class LatentBatch:
     """float32 [B, 77, D]: the teacher's text embeddings of the caption (SDXL: D = both encoders)."""
     pooled_embeds: torch.Tensor | None
     """float32 [B, P] pooled text embeddings (SDXL), None for SD."""
-    keys: list[str]
-    """Key of each sample in the latent shards."""
-    captions: list[str]
-    """Caption (from .txt; the json's caption when there is no .txt)."""
-    json: list[dict | None]
-    """Parsed .json member of each sample."""
-    original_sizes: torch.Tensor
-    """int64 [B, 2]: (height, width) of the source image (from the json)."""
-    crop_coords: torch.Tensor
-    """int64 [B, 2]: (top, left) of the crop in the resized source image (from the json)."""
-    flipped: torch.Tensor
-    """bool [B]: whether the crop was flipped horizontally before encoding."""
-    shards: list[str]
-    """Latent shard URL/path each sample came from."""
-
-    def __len__(self) -> int:
-        return len(self.keys)
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

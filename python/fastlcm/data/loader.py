@@ -29,15 +29,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 @dataclass
-class Batch:
-    """One fixed-shape batch, samples in stream order."""
+class SampleInfo:
+    """Per-sample metadata of a batch, samples in stream order (shared by :class:`Batch` and
+    :class:`fastlcm.data.LatentBatch`)."""
 
-    pixels: torch.Tensor
-    """[B, 3, R, R] in the loader's dtype: [-1, 1] (uint8: 0..255, not normalized); pinned if pin_memory."""
     keys: list[str]
     """WebDataset key of each sample (member name up to the first dot of its basename, with directories)."""
     captions: list[str]
-    """Caption (first of .text/.txt/.caption), non-UTF-8 bytes replaced by U+FFFD."""
+    """Caption (first of .text/.txt/.caption; latent shards: .txt, else the json's caption), non-UTF-8 bytes
+    replaced by U+FFFD."""
     json: list[dict | None]
     """Parsed .json member (None when absent or not a JSON object)."""
     original_sizes: torch.Tensor
@@ -51,6 +51,14 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+@dataclass
+class Batch(SampleInfo):
+    """One fixed-shape batch of images."""
+
+    pixels: torch.Tensor
+    """[B, 3, R, R] in the loader's dtype: [-1, 1] (uint8: 0..255, not normalized); pinned if pin_memory."""
 
 
 def _env_int(name: str, default: int) -> int:
