@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from fastlcm.config import ConfigError, TrainConfig, expand_braces, field_docs, load_config, preset_names, read_toml
+from fastlcm.config import ConfigError, TrainConfig, expand_braces
+from fastlcm.config_flags import field_docs, load_config, preset_names, read_toml
 
 # name → default in diffusers' examples/consistency_distillation/train_lcm_distill_sd_wds.py
 DIFFUSERS_FLAGS = {

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastlcm.config import DEFAULT_LORA_TARGET_MODULES, ConfigError, TrainConfig, load_config
+from fastlcm.config import DEFAULT_LORA_TARGET_MODULES, ConfigError, TrainConfig
+from fastlcm.config_flags import load_config
 from fastlcm.train import train
 
 CAPTIONS = ["a red circle", "a blue square", "a photo of a cat", "a green triangle"]

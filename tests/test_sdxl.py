@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fastlcm.cli import main
-from fastlcm.config import TrainConfig, load_config
+from fastlcm.config import TrainConfig
+from fastlcm.config_flags import load_config
 
 SIZES = ((64, 96), (120, 80))  # (height, width): a wide and a tall source image
 
@@ -219,7 +220,7 @@ def test_cli_sdxl_lora_exports_weights_that_load_in_stock_pipeline(sdxl_teacher,
 
 
 def test_sdxl_and_lora_presets_parse(sdxl_teacher, shard_dir):
-    from fastlcm.config import preset_names, read_toml
+    from fastlcm.config_flags import preset_names, read_toml
 
     assert {"sdxl", "sdxl-lora", "sd15-lora"} <= set(preset_names())
     full, lora, sd_lora = (TrainConfig(**read_toml(n)) for n in ("sdxl", "sdxl-lora", "sd15-lora"))

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastlcm.config import load_config
+from fastlcm.config_flags import load_config
 from fastlcm.train import NonFiniteLossError, drop_captions, train
 
 CAPTIONS = ["a red circle", "a blue square", "a photo of a cat", "a green triangle on the left"]

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastlcm.config import ConfigError, TrainConfig, add_config_arguments, from_args
+from fastlcm.config import ConfigError, TrainConfig
+from fastlcm.config_flags import add_config_arguments, from_args
 
 
 class NonFiniteLossError(RuntimeError):
