@@ -30,6 +30,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from fastlcm.config import expand_braces  # the flag check and this oracle expand specs the same way
+
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
 CAPTION_EXTS = ("text", "txt", "caption")
 SKIP_REASONS = ("corrupt_image", "missing_image", "missing_caption", "filtered", "truncated_tar", "source_error")
@@ -38,25 +40,6 @@ _META = re.compile(r"^__[^/]*__($|/)")  # webdataset's skip_meta pattern, matche
 # ----------------------------------------------------------------------------------------------------------------
 # Shard specs
 # ----------------------------------------------------------------------------------------------------------------
-
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def expand_braces(spec: str) -> list[str]:
-    """Expand ``{000..012}`` ranges (zero padding kept) and ``{a,b}`` alternatives, left to right."""
-    m = _BRACE.search(spec)
-    if m is None:
-        return [spec]
-    body, head, tail = m.group(1), spec[: m.start()], spec[m.end() :]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        parts = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
-    else:
-        parts = body.split(",")
-    return [out for part in parts for out in expand_braces(head + part + tail)]
 
 
 def expand_shards(shards: str | Sequence[str]) -> list[str]:
