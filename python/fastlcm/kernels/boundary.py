@@ -18,7 +18,7 @@ from fastlcm.lcd import math as lcd_math
 from .dispatch import (
     BLOCK,
     check_latents,
-    check_per_sample,
+    check_per_sample_scalars,
     check_same_device,
     empty_like_layout,
     launch_options,
@@ -37,11 +37,7 @@ def _check(model_out, z, alpha, sigma, c_skip, c_out, prediction_type):
         raise ValueError(f"model_out and z must have the same shape, got {tuple(model_out.shape)} and {tuple(z.shape)}")
     check_same_device(model_out=model_out, z=z)
     prediction_code(prediction_type)
-    b, dev = z.shape[0], z.device
-    return tuple(
-        check_per_sample(name, v, b, dev)
-        for name, v in (("alpha", alpha), ("sigma", sigma), ("c_skip", c_skip), ("c_out", c_out))
-    )
+    return check_per_sample_scalars(z, alpha=alpha, sigma=sigma, c_skip=c_skip, c_out=c_out)
 
 
 def boundary_output_reference(model_out, z, alpha, sigma, c_skip, c_out, prediction_type: str) -> torch.Tensor:

@@ -168,6 +168,12 @@ def check_per_sample(name: str, v: torch.Tensor, batch: int, device: torch.devic
     return v.detach().contiguous()
 
 
+def check_per_sample_scalars(latents: torch.Tensor, **scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`check_per_sample` for each named scalar against the batch size and device of ``latents``, in order."""
+    batch, device = latents.shape[0], latents.device
+    return tuple(check_per_sample(name, v, batch, device) for name, v in scalars.items())
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:

@@ -15,7 +15,7 @@ from fastlcm.lcd import math as lcd_math
 from .dispatch import (
     BLOCK,
     check_latents,
-    check_per_sample,
+    check_per_sample_scalars,
     check_same_device,
     empty_like_layout,
     launch_options,
@@ -37,11 +37,7 @@ def _check(teacher_out, z, alpha, sigma, alpha_prev_cumprod, w, prediction_type)
         )
     check_same_device(teacher_out=teacher_out, z=z)
     prediction_code(prediction_type)
-    b, dev = z.shape[0], z.device
-    return tuple(
-        check_per_sample(name, v, b, dev)
-        for name, v in (("alpha", alpha), ("sigma", sigma), ("alpha_prev_cumprod", alpha_prev_cumprod), ("w", w))
-    )
+    return check_per_sample_scalars(z, alpha=alpha, sigma=sigma, alpha_prev_cumprod=alpha_prev_cumprod, w=w)
 
 
 @torch.no_grad()
