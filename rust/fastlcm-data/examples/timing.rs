@@ -69,17 +69,7 @@ fn main() {
         for im in &images {
             let h = tj.read_header(im).unwrap();
             let f = fastlcm_data::decode::dct_factor(h.width.min(h.height) as u64, r as u64);
-            tj.set_scaling_factor(f).unwrap();
-            let sc = h.scaled(f);
-            buf.resize(sc.width * sc.height * 3, 0);
-            let img = turbojpeg::Image {
-                pixels: buf.as_mut_slice(),
-                width: sc.width,
-                pitch: sc.width * 3,
-                height: sc.height,
-                format: turbojpeg::PixelFormat::RGB,
-            };
-            tj.decompress(im, img).unwrap();
+            decode_scaled(&mut tj, im, h, f, &mut buf);
         }
         println!(
             "  raw libjpeg-turbo at that factor, fast_upsample={fast}: {:.2} ms CPU/image",
@@ -95,19 +85,10 @@ fn main() {
     {
         tj.set_fast_upsample(fast).unwrap();
         let f = turbojpeg::ScalingFactor::new(m, 8);
-        tj.set_scaling_factor(f).unwrap();
         let c = cpu_s();
         for im in &images {
-            let sc = tj.read_header(im).unwrap().scaled(f);
-            buf.resize(sc.width * sc.height * 3, 0);
-            let img = turbojpeg::Image {
-                pixels: buf.as_mut_slice(),
-                width: sc.width,
-                pitch: sc.width * 3,
-                height: sc.height,
-                format: turbojpeg::PixelFormat::RGB,
-            };
-            tj.decompress(im, img).unwrap();
+            let h = tj.read_header(im).unwrap();
+            decode_scaled(&mut tj, im, h, f, &mut buf);
         }
         println!(
             "  decode at {m}/8 (fast_upsample={fast}): {:.2} ms CPU/image",
@@ -195,6 +176,27 @@ fn main() {
             cpu * 1000.0 / images.len() as f64
         );
     }
+}
+
+/// Raw libjpeg-turbo decode of `jpeg` (whose header is `header`) to RGB at scaling factor `f`, into `buf`.
+fn decode_scaled(
+    tj: &mut turbojpeg::Decompressor,
+    jpeg: &[u8],
+    header: turbojpeg::DecompressHeader,
+    f: turbojpeg::ScalingFactor,
+    buf: &mut Vec<u8>,
+) {
+    tj.set_scaling_factor(f).unwrap();
+    let sc = header.scaled(f);
+    buf.resize(sc.width * sc.height * 3, 0);
+    let img = turbojpeg::Image {
+        pixels: buf.as_mut_slice(),
+        width: sc.width,
+        pitch: sc.width * 3,
+        height: sc.height,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    tj.decompress(jpeg, img).unwrap();
 }
 
 fn s_rgb(s: &mut Scratch) -> &mut Vec<u8> {
