@@ -112,6 +112,18 @@ def levers_from_args(args) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def scratch_dirs(prefix: str):
+    """A list holding one new temporary folder; every folder in the list (callers append theirs, e.g. the synthetic
+    shards) is removed on exit, whatever happens."""
+    dirs = [Path(tempfile.mkdtemp(prefix=prefix))]
+    try:
+        yield dirs
+    finally:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def reset_accelerate() -> None:
     """Forget Accelerate's process-wide state. Its first initialization otherwise fixes the mixed precision of every
     later Accelerator in the process: lever sets differ in it, and a `fastlcm train` run in the same process after
@@ -409,27 +421,24 @@ def _run_single(args) -> int:
 
     levers = levers_from_args(args)
     info = machine_info()
-    tmp = Path(tempfile.mkdtemp(prefix="fastlcm-bench-step-"))
-    shard_tmp = None
     t_setup = time.perf_counter()
     try:
-        teacher, family = load_teacher(args, tmp, args.device)
-        cfg = config_for(args, tmp, levers).apply_defaults(family)
-        st = make_state(cfg, teacher, args.device)
-        shards = None
-        if levers["input"] == "loader":
-            shards, shard_tmp = make_shards(args.resolution, max(8 * args.batch_size, 32))
-        batches, loader = make_batches(st, levers, args, shards)
-        setup_s = time.perf_counter() - t_setup
-        result = measure(st, batches, args)
-        stats = loader.stats() if loader is not None else None
+        with scratch_dirs("fastlcm-bench-step-") as dirs:
+            tmp = dirs[0]
+            teacher, family = load_teacher(args, tmp, args.device)
+            cfg = config_for(args, tmp, levers).apply_defaults(family)
+            st = make_state(cfg, teacher, args.device)
+            shards = None
+            if levers["input"] == "loader":
+                shards, shard_tmp = make_shards(args.resolution, args.batch_size)
+                dirs.append(shard_tmp)
+            batches, loader = make_batches(st, levers, args, shards)
+            setup_s = time.perf_counter() - t_setup
+            result = measure(st, batches, args)
+            stats = loader.stats() if loader is not None else None
     except (ConfigError, ValueError, OSError, LoaderError) as e:
         print(f"fastlcm bench step: error: {e}", file=sys.stderr)
         return 1
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if shard_tmp is not None:
-            shutil.rmtree(shard_tmp, ignore_errors=True)
     out = result_record(args, st, levers, result, setup_s, stats, info, "flags")
     if args.out_csv:
         append_csv(args.out_csv, [csv_row(out)], CSV_COLUMNS)

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 import sys
-import tempfile
 import time
 import traceback
-from pathlib import Path
 
 # Everything off: what diffusers' script does (foreach AdamW, fp32 pixels copied on the compute stream, no
 # channels_last, no compile, images through the VAE), in bf16 without gradient checkpointing.
@@ -101,35 +98,33 @@ def run_matrix(args) -> int:
         print("fastlcm bench step: error: --matrix reference-fp16-ckpt needs a CUDA device", file=sys.stderr)
         return 2
     info = machine_info()
-    tmp = Path(tempfile.mkdtemp(prefix="fastlcm-bench-matrix-"))
-    shard_tmp, records = None, []
+    records = []
     device = torch.device(args.device)
     table = not args.json
     try:
-        t0 = time.perf_counter()
-        teacher, family = bench.load_teacher(args, tmp, args.device)
-        teacher_s = time.perf_counter() - t0
-        shards = None
-        if any(lv["input"] == "loader" for _, lv in sets):
-            shards, shard_tmp = bench.make_shards(args.resolution, max(8 * args.batch_size, 32))
-        if table:
-            print_header(args, device, info, teacher_s)
-        prev = None
-        for name, levers in sets:
-            record = _run_set(args, teacher, family, tmp, name, levers, shards, info)
-            records.append(record)
-            if "error" not in record and args.out_csv:  # row by row: a run cut short keeps what it measured
-                append_csv(args.out_csv, [bench.csv_row(record)], bench.CSV_COLUMNS)
+        with bench.scratch_dirs("fastlcm-bench-matrix-") as dirs:
+            tmp = dirs[0]
+            t0 = time.perf_counter()
+            teacher, family = bench.load_teacher(args, tmp, args.device)
+            teacher_s = time.perf_counter() - t0
+            shards = None
+            if any(lv["input"] == "loader" for _, lv in sets):
+                shards, shard_tmp = bench.make_shards(args.resolution, args.batch_size)
+                dirs.append(shard_tmp)
             if table:
-                prev = print_row(record, prev)
-            _free(device)
+                print_header(args, device, info, teacher_s)
+            prev = None
+            for name, levers in sets:
+                record = _run_set(args, teacher, family, tmp, name, levers, shards, info)
+                records.append(record)
+                if "error" not in record and args.out_csv:  # row by row: a run cut short keeps what it measured
+                    append_csv(args.out_csv, [bench.csv_row(record)], bench.CSV_COLUMNS)
+                if table:
+                    prev = print_row(record, prev)
+                _free(device)
     except (ValueError, OSError) as e:
         print(f"fastlcm bench step: error: {e}", file=sys.stderr)
         return 1
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if shard_tmp is not None:
-            shutil.rmtree(shard_tmp, ignore_errors=True)
     if args.json:
         print(json.dumps({"sets": records, "teacher_build_s": teacher_s}))
     else:

@@ -75,10 +75,12 @@ def build_random_teacher(family: str, workdir: Path):
     return models.Teacher(fam, unet, vae, text, toks[0], sched, dict(sched.config), **extra)
 
 
-def make_shards(resolution: int, count: int):
-    """(spec, tmpdir): ``count`` synthetic JPEGs of resolution..2*resolution px, via `fastlcm make-shards --synthetic`."""
+def make_shards(resolution: int, batch_size: int):
+    """(spec, tmpdir) for ``--input loader``: synthetic JPEGs of resolution..2*resolution px (8 batches' worth, at
+    least 32 images; the loader repeats them), via `fastlcm make-shards --synthetic`."""
     from fastlcm.bench.loader import make_synthetic
 
+    count = max(8 * batch_size, 32)
     return make_synthetic(Namespace(synthetic=count, min_size=resolution, max_size=2 * resolution))
 
 
