@@ -19,11 +19,14 @@
 #   #    (every JSON, stderr and the pytest log). Append the CSV rows to benches/results/{step,kernels,loader}.csv.
 #   #    Then give_back unless you rerun at once.
 # Outside the device tool $OUT is unset: the files go to ./gpu_check_out instead.
-# Stages run in the order GPU_CHECK_STAGES names them (default "tests kernels kernels_graph loader step_matrix", about
-# 7.5 min on an H200; also kernels_compile, step_bf16, step_fp16). Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP.
-# Test files: GPU_CHECK_TESTS. The step matrix's lever sets: GPU_CHECK_MATRIX (comma list or "all"; default the two
-# references, +latents and +compile, whose compile takes about 200 s; `all` adds every cumulative lever and needs
-# a larger budget). Results of earlier runs: benches/results/gpu/README.md.
+# Stages run in the order GPU_CHECK_STAGES names them. The default is what issues 5 and 8 still lack after the runs
+# of benches/results/gpu/README.md, about 7 min on an H200: "tests kernels_wrapper kernels kernels_graph step_matrix"
+# with the kernel tests (the loss backward changed) and the matrix sets of DEFAULT_MATRIX below: the ablations of
+# the levers the trainer always uses, gradient checkpointing alone, +latents twice (run-to-run noise) and
+# +compile-ro (CUDA graphs, about 200 s of compile, last so that a cut leaves the other rows). Other stages:
+# loader, kernels_compile, step_bf16, step_fp16. Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP. Test files:
+# GPU_CHECK_TESTS (the trainer's GPU tests: tests/test_train_gpu.py tests/test_precompute.py). Matrix sets:
+# GPU_CHECK_MATRIX (comma list or "all"; images+compile adds another ~200 s of compile).
 # GPU_CHECK_SMOKE=1 runs the same stages on a CPU at toy sizes (tiny teacher, 24 images; tests only collected), to
 # check the script itself before spending device time: GPU_CHECK_SMOKE=1 bash benches/gpu_check.sh  (~30 s)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -60,21 +63,25 @@ import torch
 print("cuda available:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
 
-STAGES=${GPU_CHECK_STAGES:-tests kernels kernels_graph loader step_matrix}
+STAGES=${GPU_CHECK_STAGES:-tests kernels_wrapper kernels kernels_graph step_matrix}
+DEFAULT_MATRIX=+latents,latents:torch-kernels,latents:split-cfg,latents:classic-attention,reference-bf16
+DEFAULT_MATRIX=$DEFAULT_MATRIX,reference-bf16-ckpt,+latents,+compile-ro
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     TESTS_MODE="--collect-only"; export OMP_NUM_THREADS=1
     KERNELS_ARGS="--device cpu --sizes 2x4x8x8 --warmup 1 --iters 2"; KCOMPILE_SIZES="2x4x8x8"; KGRAPH=""
+    WRAPPER_ARGS="--device cpu --sizes 2x4x8x8 --calls 100 --rounds 1"
     STEP_ARGS="--family tiny --batch-size 2 --steps 2 --warmup 1 --parts-steps 1 --device cpu"
     MATRIX_ARGS="--family tiny --batch-size 2 --steps 2 --warmup 1 --parts-steps 0 --device cpu"
-    MATRIX_SETS=${GPU_CHECK_MATRIX:-reference-bf16,+fused-adam}
+    MATRIX_SETS=${GPU_CHECK_MATRIX:-reference-bf16,latents:split-cfg}
     FP16="no"
     LOADER_ARGS="--synthetic 24 --threads 2 --seconds 1 --decode-images 4 --min-size 128 --max-size 192 --resolution 128"
 else
     TESTS_MODE="--timeout 90"
     KERNELS_ARGS="--warmup 10 --iters 100"; KCOMPILE_SIZES="sd15:12,sdxl:12"; KGRAPH="--cuda-graph"
+    WRAPPER_ARGS="--sizes sd15:12"
     STEP_ARGS="--family sd15 --batch-size 12 --resolution 512 --steps 20"
     MATRIX_ARGS="--family sd15 --batch-size 12 --resolution 512 --steps 15 --warmup 4 --parts-steps 3"
-    MATRIX_SETS=${GPU_CHECK_MATRIX:-reference-bf16,reference-fp16-ckpt,+latents,+compile}
+    MATRIX_SETS=${GPU_CHECK_MATRIX:-$DEFAULT_MATRIX}
     FP16="fp16 --gradient-checkpointing"
     LOADER_ARGS="--synthetic 256 --threads 16 --seconds 8 --decode-images 96"
 fi
@@ -104,8 +111,10 @@ run_stage() {
     case $1 in
     tests)
         stage tests "${GPU_CHECK_TESTS_CAP:-120}" $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
-            ${GPU_CHECK_TESTS:-tests/test_kernels.py tests/test_kernels_gpu.py tests/test_train_gpu.py tests/test_precompute.py}
+            ${GPU_CHECK_TESTS:-tests/test_kernels.py tests/test_kernels_gpu.py}
         cp "$WORK/tests.out" "$WORK/pytest.txt" 2>/dev/null; tail -n 3 "$WORK/tests.out" 2>/dev/null ;;
+    kernels_wrapper) stage kernels_wrapper 40 $PY -m fastlcm bench kernels --wrapper-overhead \
+        --record "$OUT/kernel_wrapper.csv" $WRAPPER_ARGS ;;
     kernels) stage kernels 50 $PY -m fastlcm bench kernels --no-compile --json --record "$OUT/kernels.csv" $KERNELS_ARGS ;;
     kernels_graph) stage kernels_graph 40 $PY -m fastlcm bench kernels --no-compile $KGRAPH --json \
         --record "$OUT/kernels.csv" $KERNELS_ARGS ;;
@@ -170,11 +179,12 @@ for name in ("step_bf16", "step_fp16"):
         r = s["reference"]["runs"][ref]
         print(f"{'  reference H200 ' + ref:<34}{r['samples_per_s']:>10.1f}{r['step_s']:>9.3f}{r['peak_mem_gib']:>10.1f}"
               f"  speed-up {r['step_s'] / s['step_s']:.2f}x (a like-for-like ratio only on an H200)")
-try:
-    m = open(os.path.join(w, "step_matrix.out")).read().strip().splitlines()
-    print("step matrix:", *m[-14:], sep="\n  ")
-except OSError:
-    pass
+for name, tail in (("kernels_wrapper", 7), ("step_matrix", 14)):
+    try:
+        m = open(os.path.join(w, name + ".out")).read().strip().splitlines()
+        print(name + ":", *m[-tail:], sep="\n  ")
+    except OSError:
+        pass
 l = load("loader")
 if l:
     print(f"loader: fastlcm {l['fastlcm_images_per_s']} img/s vs webdataset {l['webdataset_images_per_s']} img/s "

@@ -110,9 +110,11 @@ def test_random_teacher_has_the_published_architecture(family, tmp_path):
 
 
 def test_bench_step_cached_latents_input_skips_vae_and_text(capsys, one_torch_thread):
-    out = _bench(capsys, "--family", "tiny", "--input", "latents", "--optimizer-impl", "foreach", "--channels-last")
+    out = _bench(capsys, "--family", "tiny", "--input", "latents", "--optimizer-impl", "foreach", "--channels-last",
+                 "--teacher-cfg", "split", "--attention", "classic")  # fmt: skip
     _check(out)
     c = out["config"]
+    assert (c["teacher_cfg"], c["attention"], c["kernels"]) == ("split", "classic", "auto")
     assert c["input"].startswith("cached latents") and out["loader_stats"] is None
     assert (c["optimizer_impl"], c["channels_last"], c["levers"]) == ("foreach", True, "flags")
     assert out["parts"]["vae_encode"] == 0 and out["parts"]["text_encode"] < out["parts"]["student_forward_backward"]
@@ -139,7 +141,7 @@ def test_bench_step_matrix_runs_each_lever_set_once(capsys, tmp_path, one_torch_
     capsys.readouterr()
     assert main(argv[:-1]) == 0  # the table
     table = capsys.readouterr().out
-    assert "reference-bf16" in table and "+uint8-prefetch" in table and "vs prev" in table
+    assert "reference-bf16" in table and "+uint8-prefetch" in table and "vs base" in table
 
 
 def test_bench_step_matrix_rejects_unknown_sets(capsys):
@@ -156,3 +158,71 @@ def test_images_plus_compile_set_is_the_compile_set_on_images():
     on_images, on_latents = lever_set("images+compile", "loader"), lever_set("+compile", "loader")
     assert on_latents["input"] == "latents" and on_images["input"] == "loader"
     assert {k: v for k, v in on_images.items() if k != "input"} == {k: v for k, v in on_latents.items() if k != "input"}
+
+
+def test_variant_sets_are_their_base_with_one_change():
+    from fastlcm.bench.step_matrix import VARIANTS, base_set, lever_set
+
+    assert base_set("reference-bf16") is None and base_set("+fused-adam") == "reference-bf16"
+    assert base_set("+compile-ro") == "+compile"
+    for name, (base, change) in VARIANTS.items():
+        assert base_set(name) == base
+        levers, of_base = lever_set(name, "synthetic"), lever_set(base, "synthetic")
+        differs = {k for k in levers if levers[k] != of_base[k]}
+        expected = {k for k, v in change.items() if v != "images"} | ({"input"} if change.get("input") else set())
+        assert differs == expected, name
+    assert lever_set("latents:torch-kernels", "loader")["kernels"] == "torch"
+    assert lever_set("reference-bf16-ckpt", "loader")["gradient_checkpointing"] is True
+
+
+def test_ablations_switch_levers_off_for_the_measurement_and_restore_the_teacher(tiny_teacher_factory):
+    """The bench's ablation context: FASTLCM_KERNELS=torch, the teacher's guidance as two forwards and diffusers'
+    classic attention inside; the shared teacher's processors and the kernel mode are back afterwards."""
+    import os
+    from types import SimpleNamespace
+
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from fastlcm import models as fm
+    from fastlcm.bench.step import ablations
+    from fastlcm.config import TrainConfig
+    from fastlcm.kernels import kernel_mode
+    from fastlcm.lcd.step import LCDSettings
+
+    teacher = fm.load_teacher(TrainConfig(pretrained_teacher_model=str(tiny_teacher_factory("sd", "epsilon"))))
+    student = fm.build_student(teacher.unet, 8)
+    before = {k: type(v) for k, v in teacher.unet.attn_processors.items()}
+    assert before and AttnProcessor not in before.values()
+    st = SimpleNamespace(teacher=teacher, unwrap=student, target=None, settings=LCDSettings())
+    env = os.environ.pop("FASTLCM_KERNELS", None)
+    try:
+        with ablations(st, {"kernels": "torch", "teacher_cfg": "split", "attention": "classic"}):
+            assert kernel_mode() == "torch" and st.settings.teacher_cfg_batched is False
+            for unet in (teacher.unet, student):
+                assert {type(v) for v in unet.attn_processors.values()} == {AttnProcessor}
+        assert kernel_mode() == "auto"
+        assert {k: type(v) for k, v in teacher.unet.attn_processors.items()} == before
+        with ablations(st, {"kernels": "auto", "teacher_cfg": "batched", "attention": "sdpa"}):
+            assert {k: type(v) for k, v in teacher.unet.attn_processors.items()} == before
+    finally:
+        if env is not None:
+            os.environ["FASTLCM_KERNELS"] = env
+
+
+def test_bench_step_matrix_ablations_compare_with_their_base(capsys, one_torch_thread):
+    argv = ["bench", "step", "--family", "tiny", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+            "--parts-steps", "0", "--device", "cpu", "--json",
+            "--matrix", "latents:split-cfg,+latents,latents:classic-attention,+latents"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    sets = json.loads(capsys.readouterr().out)["sets"]
+    assert [s["config"]["levers"] for s in sets] == ["latents:split-cfg", "+latents", "latents:classic-attention",
+                                                     "+latents"]  # fmt: skip
+    split, base, classic, again = sets
+    assert split["config"]["teacher_cfg"] == "split" and classic["config"]["attention"] == "classic"
+    assert split["base"] == "+latents" and split["vs_base"] is None  # its base ran after it
+    assert classic["vs_base"] == pytest.approx(base["step_s"] / classic["step_s"])
+    # +latents' own base (+channels-last) was not measured; a set named twice gets two rows
+    assert base["base"] == "+channels-last" and base["vs_base"] is None and again["vs_base"] is None
+    assert again["step_s"] > 0 and again["step_s"] != base["step_s"]
+    assert all(s["nonfinite_losses"] == 0 for s in sets)

@@ -174,10 +174,14 @@ CASES = [
 
 @pytest.mark.parametrize("ptype", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("batch,index,w,loss_type", CASES)
-def test_step_matches_independent_reference(ptype, batch, index, w, loss_type):
+@pytest.mark.parametrize("cfg_batched", [True, False], ids=["cfg-2B", "cfg-split"])
+def test_step_matches_independent_reference(ptype, batch, index, w, loss_type, cfg_batched):
+    """Against an independent composition of the DESIGN.md math, with the teacher's guidance computed from one
+    forward at 2B (the default) and from two forwards at B (the bench's ablation of that lever)."""
     pixels, cond, uncond, nets, models, draws = _setup(batch, index, w, ptype)
     settings = LCDSettings(w_min=5.0, w_max=15.0, guidance_dim=D, timestep_scaling=LAM, loss_type=loss_type,
-                           huber_c=0.001, vae_encode_batch_size=2)  # 2 < batch: chunked VAE encode
+                           huber_c=0.001, vae_encode_batch_size=2,  # 2 < batch: chunked VAE encode
+                           teacher_cfg_batched=cfg_batched)  # fmt: skip
     ac = _alphas_cumprod()
     grid = SolverGrid.build(ac, N)
 

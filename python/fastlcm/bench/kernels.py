@@ -50,7 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph-calls", type=int, default=20, help="calls captured per graph (default 20)")
     parser.add_argument("--copy-mib", type=int, default=1024, help="buffer size for the copy bandwidth (default 1024)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    parser.add_argument("--record", default="benches/results/kernels.csv", help="CSV the rows are appended to")
+    parser.add_argument("--wrapper-overhead", action="store_true",
+                        help="time fastlcm's host code around each launch instead, launches stubbed out (runs on CPU)")
+    parser.add_argument("--calls", type=int, default=20000, help="--wrapper-overhead: calls per round (default 20000)")
+    parser.add_argument("--rounds", type=int, default=5, help="--wrapper-overhead: rounds, median taken (default 5)")
+    parser.add_argument("--record", default=None,
+                        help="CSV the rows are appended to (default benches/results/kernels.csv, or "
+                             "kernel_wrapper.csv with --wrapper-overhead)")  # fmt: skip
     parser.add_argument("--no-record", action="store_true", help="do not append to the CSV")
     # Smoke test of this code path without a GPU (Triton interpreter, wall-clock timings, never recorded).
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help=argparse.SUPPRESS)
@@ -230,7 +236,25 @@ def _check(triton_out, eager_out, dtype) -> str:
     return "ok"
 
 
+def _sizes_and_ops(args, smoke: bool) -> tuple[list, list[str]]:
+    sizes = [parse_size(s) for s in (args.sizes or ("2x4x8x8" if smoke else DEFAULT_SIZES)).split(",")]
+    ops = [o.strip() for o in args.ops.split(",")]
+    for op in ops:
+        if op not in OPS:
+            raise ValueError(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
+    return sizes, ops
+
+
 def run(args) -> int:
+    if args.wrapper_overhead:
+        try:
+            sizes, ops = _sizes_and_ops(args, smoke=False)
+        except ValueError as exc:
+            print(f"fastlcm bench kernels: {exc}", file=sys.stderr)
+            return 2
+        from fastlcm.bench import kernel_wrapper
+
+        return kernel_wrapper.run(args, sizes, ops)
     import torch
 
     device = torch.device(args.device)
@@ -245,11 +269,7 @@ def run(args) -> int:
         return 2
     smoke = device.type == "cpu"
     try:
-        sizes = [parse_size(s) for s in (args.sizes or ("2x4x8x8" if smoke else DEFAULT_SIZES)).split(",")]
-        ops = [o.strip() for o in args.ops.split(",")]
-        for op in ops:
-            if op not in OPS:
-                raise ValueError(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
+        sizes, ops = _sizes_and_ops(args, smoke)
     except ValueError as exc:
         print(f"fastlcm bench kernels: {exc}", file=sys.stderr)
         return 2
@@ -303,8 +323,9 @@ def run(args) -> int:
         print("(CPU smoke test: timings are meaningless and nothing is recorded)", file=sys.stderr)
     elif not args.no_record:
         formatted = [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
-        append_csv(args.record, formatted, CSV_FIELDS)
-        print(f"appended {len(rows)} rows to {args.record}", file=sys.stderr)
+        record = args.record or "benches/results/kernels.csv"
+        append_csv(record, formatted, CSV_FIELDS)
+        print(f"appended {len(rows)} rows to {record}", file=sys.stderr)
     if failed:
         print("fastlcm bench kernels: a Triton result did not match eager (see the check column)", file=sys.stderr)
         return 1

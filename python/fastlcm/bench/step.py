@@ -34,6 +34,13 @@ from pathlib import Path
 
 from fastlcm.bench.step_models import build_random_teacher, fixed_batch, fixed_latent_batch, make_shards
 
+# Levers the trainer always uses; the bench can switch each off to measure what it is worth (not TrainConfig
+# fields): the fused Triton loss/solver/boundary kernels (off = FASTLCM_KERNELS=torch), the teacher's guidance in
+# one 2B forward (off = two B forwards, as diffusers' script), and SDPA attention (off = diffusers' AttnProcessor:
+# explicit matmul + softmax).
+ABLATION_LEVERS = {"kernels": ("auto", "torch"), "teacher_cfg": ("batched", "split"), "attention": ("sdpa", "classic")}
+"""{lever: (the trainer's setting, the ablated setting)}."""
+
 # DESIGN.md "Measured anchors": diffusers' train_lcm_distill_sd_wds.py, NVIDIA H200, SD1.5-shaped random teacher,
 # 512 px, batch 12, diffusers 0.42.1, torch 2.11.
 REFERENCE = {
@@ -48,7 +55,7 @@ PARTS_NOTE = ("parts: seconds per step from a separate instrumented pass that sy
               "part (no CPU/GPU overlap), so they sum to instrumented_step_s, not to step_s; loader_wait includes "
               "the host-to-device copy; other = LCD elementwise math, random draws and the trainer's loss sync")  # fmt: skip
 LEVERS = ("mixed_precision", "gradient_checkpointing", "optimizer_impl", "loader_dtype", "device_prefetch",
-          "channels_last", "compile_unets", "compile_mode", "input")  # fmt: skip
+          "channels_last", "compile_unets", "compile_mode", "input", *ABLATION_LEVERS)  # fmt: skip
 CSV_COLUMNS = ("date", "commit", "gpu", "cpu", "family", "batch_size", "resolution", "levers", "mixed_precision",
                "gradient_checkpointing", "compile", "optimizer_impl", "loader_dtype", "device_prefetch",
                "channels_last", "compile_unets", "compile_mode", "input", "steps", "samples_per_s", "step_s",
@@ -87,6 +94,12 @@ def add_arguments(parser) -> None:
                         help="pixel dtype from the loader (auto: uint8 on CUDA; uint8 is normalized on the device)")  # fmt: skip
     parser.add_argument("--device-prefetch", action=argparse.BooleanOptionalAction, default=True,
                         help="H2D copy + normalize on a side CUDA stream (default on; no effect on CPU)")  # fmt: skip
+    parser.add_argument("--kernels", default="auto", choices=ABLATION_LEVERS["kernels"],
+                        help="fused Triton kernels (auto, as the trainer) or the torch reference (ablation)")
+    parser.add_argument("--teacher-cfg", default="batched", choices=ABLATION_LEVERS["teacher_cfg"],
+                        help="teacher guidance in one 2B forward (batched, as the trainer) or two B forwards")
+    parser.add_argument("--attention", default="sdpa", choices=ABLATION_LEVERS["attention"],
+                        help="SDPA attention (as the trainer) or diffusers' classic AttnProcessor (ablation)")
     parser.add_argument("--matrix", metavar="NAME[,NAME...]",
                         help="run these lever sets in one process on one teacher (or 'all'): "
                              "reference-bf16, reference-fp16-ckpt, +fused-adam, +uint8-prefetch, +channels-last, "
@@ -104,7 +117,29 @@ def levers_from_args(args) -> dict:
             "optimizer_impl": args.optimizer_impl, "loader_dtype": args.loader_dtype,
             "device_prefetch": args.device_prefetch, "channels_last": args.channels_last,
             "compile_unets": "all" if args.compile else args.compile_unets, "compile_mode": args.compile_mode,
-            "input": "synthetic" if args.synthetic_input else args.input}  # fmt: skip
+            "input": "synthetic" if args.synthetic_input else args.input, "kernels": args.kernels,
+            "teacher_cfg": args.teacher_cfg, "attention": args.attention}  # fmt: skip
+
+
+@contextlib.contextmanager
+def ablations(st, levers: dict):
+    """Apply the set's :data:`ABLATION_LEVERS` to a trainer state for the duration of its measurement; the shared
+    teacher gets its attention processors back afterwards."""
+    from fastlcm.kernels import forced_kernels
+
+    with contextlib.ExitStack() as stack:
+        if levers.get("kernels", "auto") != "auto":
+            stack.enter_context(forced_kernels(levers["kernels"]))
+        if levers.get("teacher_cfg", "batched") != "batched":
+            st.settings = dataclasses.replace(st.settings, teacher_cfg_batched=False)
+        if levers.get("attention", "sdpa") != "sdpa":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            for unet in {id(m): m for m in (st.teacher.unet, st.unwrap, st.target) if m is not None}.values():
+                saved = unet.attn_processors
+                unet.set_attn_processor(AttnProcessor())
+                stack.callback(unet.set_attn_processor, saved)
+        yield
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -326,7 +361,7 @@ def config_for(args, tmp: Path, levers: dict):
                        dataloader_num_workers=args.loader_threads,
                        max_train_steps=args.warmup + args.steps + args.parts_steps,
                        precomputed_latents=levers["input"] == "latents",
-                       **{k: v for k, v in levers.items() if k != "input"})  # fmt: skip
+                       **{k: v for k, v in levers.items() if k != "input" and k not in ABLATION_LEVERS})  # fmt: skip
 
 
 def load_teacher(args, tmp: Path, device_name: str):
@@ -434,7 +469,8 @@ def _run_single(args) -> int:
                 dirs.append(shard_tmp)
             batches, loader = make_batches(st, levers, args, shards)
             setup_s = time.perf_counter() - t_setup
-            result = measure(st, batches, args)
+            with ablations(st, levers):
+                result = measure(st, batches, args)
             stats = loader.stats() if loader is not None else None
     except (ConfigError, ValueError, OSError, LoaderError) as e:
         print(f"fastlcm bench step: error: {e}", file=sys.stderr)
@@ -458,6 +494,9 @@ def levers_text(c: dict) -> str:
         bits.append("channels_last")
     if c["compile_unets"] != "none":
         bits.append(f"compile {c['compile_unets']} ({c['compile_mode']})")
+    off = {"kernels": "torch-reference kernels", "teacher_cfg": "teacher CFG as 2 forwards",
+           "attention": "classic attention"}  # fmt: skip
+    bits += [text for lever, text in off.items() if c.get(lever, ABLATION_LEVERS[lever][0]) != ABLATION_LEVERS[lever][0]]
     return ", ".join(bits)
 
 

@@ -6,8 +6,11 @@ caches reset, the CUDA cache emptied and the peak-memory counter reset. One tabl
 set written (column ``levers`` = the set's name).
 
 Sets: the two references, cumulative ``+`` sets in :data:`CHAIN` order, so each lever's gain is the ratio of a set
-to the one before it, and :data:`EXTRA` sets (``images+compile``: the ``+compile`` levers on images, to compare
-cached latents with the image path under torch.compile).
+to the one before it, and :data:`VARIANTS`: one set with one change, compared with its base set —
+``images+compile`` (the ``+compile`` levers on images: cached latents vs the image path under torch.compile),
+``reference-bf16-ckpt`` (gradient checkpointing alone) and the ``latents:…`` ablations, which switch off one lever
+the trainer always uses (the Triton kernels, the 2B teacher forward, SDPA attention) in the ``+latents`` set.
+A set may be named twice (its two rows size the run-to-run noise).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import traceback
 # channels_last, no compile, images through the VAE), in bf16 without gradient checkpointing.
 REFERENCE_BF16 = {"mixed_precision": "bf16", "gradient_checkpointing": False, "optimizer_impl": "foreach",
                   "loader_dtype": "float32", "device_prefetch": False, "channels_last": False,
-                  "compile_unets": "none", "compile_mode": "default", "input": "images"}  # fmt: skip
+                  "compile_unets": "none", "compile_mode": "default", "input": "images", "kernels": "auto",
+                  "teacher_cfg": "batched", "attention": "sdpa"}  # fmt: skip
 CHAIN = (
     ("+fused-adam", {"optimizer_impl": "fused"}),
     ("+uint8-prefetch", {"loader_dtype": "uint8", "device_prefetch": True}),
@@ -31,15 +35,35 @@ CHAIN = (
     ("+compile", {"compile_unets": "all", "compile_mode": "default"}),
     ("+compile-ro", {"compile_mode": "reduce-overhead"}),
 )
-EXTRA = {"images+compile": "+compile"}
-"""Sets outside the chain: a chain set's levers with the image input (VAE and text encode in the step)."""
-SETS = ("reference-bf16", "reference-fp16-ckpt", *(name for name, _ in CHAIN), *EXTRA)
+VARIANTS = {
+    "images+compile": ("+compile", {"input": "images"}),
+    "reference-bf16-ckpt": ("reference-bf16", {"gradient_checkpointing": True}),
+    "latents:torch-kernels": ("+latents", {"kernels": "torch"}),
+    "latents:split-cfg": ("+latents", {"teacher_cfg": "split"}),
+    "latents:classic-attention": ("+latents", {"attention": "classic"}),
+}
+"""Sets outside the chain: {name: (base set, the one change)}; "images" = the run's image input."""
+SETS = ("reference-bf16", "reference-fp16-ckpt", *(name for name, _ in CHAIN), *VARIANTS)
+
+
+def base_set(name: str) -> str | None:
+    """The set a set is compared with: the chain set before it, a variant's base; None for the references."""
+    if name in VARIANTS:
+        return VARIANTS[name][0]
+    chain = [n for n, _ in CHAIN]
+    if name in chain:
+        return chain[chain.index(name) - 1] if chain.index(name) else "reference-bf16"
+    return None
 
 
 def lever_set(name: str, image_input: str) -> dict:
     """The levers of a named set; ``image_input`` (loader or synthetic) is the input of the image sets."""
-    if name in EXTRA:
-        return {**lever_set(EXTRA[name], image_input), "input": image_input}
+    if name in VARIANTS:
+        base, change = VARIANTS[name]
+        levers = {**lever_set(base, image_input), **change}
+        if levers["input"] == "images":
+            levers["input"] = image_input
+        return levers
     if name == "reference-fp16-ckpt":
         levers = {**REFERENCE_BF16, "mixed_precision": "fp16", "gradient_checkpointing": True}
     elif name == "reference-bf16":
@@ -113,14 +137,15 @@ def run_matrix(args) -> int:
                 dirs.append(shard_tmp)
             if table:
                 print_header(args, device, info, teacher_s)
-            prev = None
+            measured: dict[str, float] = {}
             for name, levers in sets:
                 record = _run_set(args, teacher, family, tmp, name, levers, shards, info)
+                compare(record, measured)
                 records.append(record)
                 if "error" not in record and args.out_csv:  # row by row: a run cut short keeps what it measured
                     append_csv(args.out_csv, [bench.csv_row(record)], bench.CSV_COLUMNS)
                 if table:
-                    prev = print_row(record, prev)
+                    print_row(record)
                 _free(device)
     except (ValueError, OSError) as e:
         print(f"fastlcm bench step: error: {e}", file=sys.stderr)
@@ -143,7 +168,8 @@ def _run_set(args, teacher, family, tmp, name, levers, shards, info) -> dict:
         st = bench.make_state(cfg, teacher, args.device)
         batches, loader = bench.make_batches(st, levers, args, shards)
         setup_s = time.perf_counter() - t_setup
-        result = bench.measure(st, batches, args)
+        with bench.ablations(st, levers):
+            result = bench.measure(st, batches, args)
         stats = loader.stats() if loader is not None else None
         return bench.result_record(args, st, levers, result, setup_s, stats, info, name)
     except Exception as e:  # noqa: BLE001 - reported in the table and on stderr
@@ -161,22 +187,33 @@ def print_header(args, device, info: dict, teacher_s: float) -> None:
     print(f"device: {gpu}; commit {info['commit']}; {info['date']}; torch {torch.__version__}; teacher {family} "
           f"(random weights, built in {teacher_s:.1f} s), batch {args.batch_size}, {args.resolution} px, "
           f"{args.warmup} warm-up + {args.steps} timed steps")  # fmt: skip
-    print(f"{'set':<27}{'samples/s':>10}{'step s':>9}{'peak GiB':>9}{'warm-up s':>10}{'vs prev':>8}  levers", flush=True)
+    print(f"{'set':<27}{'samples/s':>10}{'step s':>9}{'peak GiB':>9}{'warm-up s':>10}{'vs base':>8}  {'base':<16}levers",
+          flush=True)  # fmt: skip
 
 
-def print_row(r: dict, prev: float | None) -> float | None:
-    """One table row; returns the step time the next "+" set is compared with."""
+def compare(record: dict, measured: dict[str, float]) -> None:
+    """Add ``base`` and ``vs_base`` (base step time / this step time: > 1 = faster than its base) to a record when
+    its base set was measured earlier in the run (the first measurement of a set named twice), and note its time."""
+    name = record["config"]["levers"]
+    base = base_set(name)
+    record["base"] = base
+    if "error" in record:
+        return
+    record["vs_base"] = measured[base] / record["step_s"] if base in measured else None
+    measured.setdefault(name, record["step_s"])
+
+
+def print_row(r: dict) -> None:
     from fastlcm.bench.step import levers_text
 
     name = r["config"]["levers"]
     if "error" in r:
         print(f"{name:<27}  failed: {r['error']}", flush=True)
-        return prev
+        return
     peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
-    gain = f"{prev / r['step_s']:.2f}x" if prev and name.startswith("+") else ""
+    gain = "" if r.get("vs_base") is None else f"{r['vs_base']:.2f}x"
     print(f"{name:<27}{r['samples_per_s']:>10.1f}{r['step_s']:>9.3f}{peak:>9}{r['warmup_s']:>10.1f}{gain:>8}  "
-          f"{levers_text(r['config'])}; {r['config']['input']}", flush=True)  # fmt: skip
-    return prev if name.startswith("reference-fp16") else r["step_s"]
+          f"{r['base'] or '':<16}{levers_text(r['config'])}; {r['config']['input']}", flush=True)  # fmt: skip
 
 
 def print_footer() -> None:
@@ -185,4 +222,5 @@ def print_footer() -> None:
     for key, ref in REFERENCE.items():
         print(f"{'ref H200 ' + key:<27}{ref['samples_per_s']:>10.1f}{ref['step_s']:>9.3f}{ref['peak_mem_gib']:>9.1f}"
               f"{'':>18}  diffusers' script (DESIGN.md; compare like for like only on an H200)")  # fmt: skip
-    print("warm-up s includes torch.compile time for compiled sets; vs prev = speed-up over the set before it")
+    print("warm-up s includes torch.compile time for compiled sets; vs base = base step time / this step time "
+          "(for a latents:… ablation, below 1 by what the switched-off lever is worth)")

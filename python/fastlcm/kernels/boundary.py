@@ -100,7 +100,7 @@ def _boundary_bwd_kernel(
 
 
 def _grid(x: torch.Tensor):
-    n = x[0].numel()
+    n = x.numel() // x.shape[0]
     return ((n + BLOCK - 1) // BLOCK, x.shape[0]), n
 
 

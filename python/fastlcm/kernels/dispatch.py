@@ -165,7 +165,9 @@ def check_per_sample(name: str, v: torch.Tensor, batch: int, device: torch.devic
         raise TypeError(f"{name} must be a float tensor, got {v.dtype}")
     if v.device != device:
         raise ValueError(f"{name} is on {v.device} but the latents are on {device}")
-    return v.detach().contiguous()
+    if v.requires_grad:
+        v = v.detach()
+    return v if v.is_contiguous() else v.contiguous()
 
 
 def check_per_sample_scalars(latents: torch.Tensor, **scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -198,7 +200,10 @@ def per_sample_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     channels_last) are returned as they are, so kernels read them in place; otherwise every one is made
     contiguous (one copy each). ``N`` is the per-sample element count; leading sizes may differ ([2B] vs [B]).
     """
-    inner_shape = tuple(tensors[0].shape[1:])
+    inner_shape = tensors[0].shape[1:]
+    if all(t.is_contiguous() and t.shape[1:] == inner_shape for t in tensors):  # the common case, checked fast
+        return tensors
+    inner_shape = tuple(inner_shape)
     per_sample = 1
     for s in inner_shape:
         per_sample *= s
@@ -214,7 +219,10 @@ def per_sample_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def flat_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Like :func:`per_sample_layout` for same-shape tensors read as flat arrays (order does not matter)."""
-    shape, strides = tuple(tensors[0].shape), tuple(tensors[0].stride())
+    shape = tensors[0].shape
+    if all(t.is_contiguous() and t.shape == shape for t in tensors):  # the common case, checked fast
+        return tensors
+    shape, strides = tuple(shape), tuple(tensors[0].stride())
     if _dense(shape, strides) and all(tuple(t.shape) == shape and tuple(t.stride()) == strides for t in tensors):
         return tensors
     return tuple(t.contiguous() for t in tensors)
@@ -223,7 +231,7 @@ def flat_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def empty_like_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized tensor with ``x``'s shape and strides (``x`` is dense here, so ``empty_like`` keeps them)."""
     out = torch.empty_like(x, dtype=dtype)
-    if out.stride() != x.stride():  # pragma: no cover - empty_like keeps strides of dense tensors
+    if not x.is_contiguous() and out.stride() != x.stride():  # pragma: no cover - empty_like keeps strides of dense tensors
         raise RuntimeError(f"internal: layout not preserved ({x.stride()} -> {out.stride()})")
     return out
 

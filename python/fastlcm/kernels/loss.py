@@ -3,14 +3,19 @@
 Triton path, one pass over ``pred`` and ``target``: each program loads a block of both, accumulates its share of
 the loss in fp32 (already divided by N) into its own slot of a partials vector and, when ``pred`` needs a
 gradient, writes ∂loss/∂pred for its block. The loss is
-the sum of the partials (a fixed-order reduction: deterministic, no atomics). Backward is one minimal pass that
-multiplies the saved gradient by the incoming scalar gradient (read on the device, no host sync) and casts it
-to ``pred``'s dtype.
+the sum of the partials (a fixed-order reduction: deterministic, no atomics). Backward hands on that gradient
+times the incoming scalar gradient g (read on the device, no host sync):
 
-The saved gradient is stored in ``pred``'s dtype for fp32 and bf16 (bf16 has fp32's exponent range; scaling by a
-power of two — 1, a loss scale, 1/accumulation steps — is then exact, other factors add at most one rounding) and
-in fp32 for fp16, whose range would flush 2(p−q)/N to zero for a large N before the loss scale is applied.
-Traffic per element for bf16: forward reads 4 bytes and writes 2, backward reads 2 and writes 2.
+* fp32 and bf16 (the gradient is kept in ``pred``'s dtype): scaled in place by a kernel whose programs return at
+  once when g is exactly 1 — one loss, no accumulation divisor, no fp16 loss scale, the trainer's usual case — so
+  the backward then moves no data. bf16 has fp32's exponent range: scaling by a power of two (a loss scale,
+  1/accumulation steps) is exact, other factors add at most one rounding.
+* fp16: the gradient is kept in fp32 (fp16's range would flush 2(p−q)/N to zero for a large N before the loss
+  scale is applied) and one pass writes g·gradient in fp16.
+
+A second backward through the same graph (``retain_graph=True``) recomputes the gradient from the saved inputs.
+Traffic per element for bf16: forward reads 4 bytes and writes 2; backward nothing when g = 1, else reads 2 and
+writes 2.
 
 Layout: ``pred`` and ``target`` with the same dense strides (contiguous, channels_last, any permutation) are read in
 place as flat arrays and the gradient gets the same strides; anything else is first made contiguous (a copy).
@@ -89,6 +94,16 @@ def _loss_fwd_kernel(
 
 
 @triton_kernel
+def _scale_inplace_kernel(grad_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    g = tl.load(scale_ptr).to(tl.float32)
+    if g != 1.0:  # exactly 1: the saved gradient already is the answer, nothing is read or written
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(grad_ptr + offs, mask=mask, other=0.0)
+        tl.store(grad_ptr + offs, (x * g).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton_kernel
 def _scale_kernel(src_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -100,11 +115,9 @@ def _scale_kernel(src_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 def _loss_forward_triton(pred, target, loss_type: str, huber_c: float, write_grad: bool):
     """Returns (loss, grad or None): ∂loss/∂pred (dtype per :func:`_saved_grad_dtype`) in ``pred``'s layout."""
-    import triton
-
     pred, target = flat_layout(pred, target)
     n = pred.numel()
-    grid = (triton.cdiv(n, LOSS_BLOCK),)
+    grid = (-(-n // LOSS_BLOCK),)  # ceil division (triton.cdiv is a jit function: slow to call from the host)
     partials = torch.empty(grid[0], device=pred.device, dtype=torch.float32)
     grad = empty_like_layout(pred, _saved_grad_dtype(pred.dtype)) if write_grad else partials  # unused if not writing
     _loss_fwd_kernel[grid](
@@ -120,14 +133,15 @@ def _saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _scale_triton(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    import triton
-
-    out = empty_like_layout(grad, dtype)
+    """``scale · grad`` in ``dtype``: in place when ``grad`` already has that dtype (no traffic if scale is 1)."""
     n = grad.numel()
     scale = scale.detach().reshape(1).contiguous()
-    _scale_kernel[(triton.cdiv(n, 1024),)](
-        grad, scale, out, n, BLOCK=1024, device=grad.device, **launch_options(grad.device)
-    )
+    grid = (-(-n // 1024),)
+    if grad.dtype == dtype:
+        _scale_inplace_kernel[grid](grad, scale, n, BLOCK=1024, device=grad.device, **launch_options(grad.device))
+        return grad
+    out = empty_like_layout(grad, dtype)
+    _scale_kernel[grid](grad, scale, out, n, BLOCK=1024, device=grad.device, **launch_options(grad.device))
     return out
 
 
@@ -135,13 +149,18 @@ class _ConsistencyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, target, loss_type, huber_c):
         loss, grad = _loss_forward_triton(pred, target, loss_type, huber_c, write_grad=True)
-        ctx.save_for_backward(grad)
-        ctx.pred_dtype = pred.dtype
+        ctx.save_for_backward(pred, target)
+        # Not a saved tensor: the first backward scales it in place and hands it on as ∂/∂pred (autograd may make
+        # it pred.grad), so the node keeps no reference to it afterwards.
+        ctx.grad, ctx.args, ctx.pred_dtype = grad, (loss_type, huber_c), pred.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:  # a second backward through a retained graph: the first one consumed the gradient
+            pred, target = ctx.saved_tensors
+            _, grad = _loss_forward_triton(pred, target, *ctx.args, write_grad=True)
         return _scale_triton(grad, grad_loss, ctx.pred_dtype), None, None, None
 
 

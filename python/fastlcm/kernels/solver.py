@@ -123,7 +123,8 @@ def solver_step(
     alpha, sigma, alpha_prev, w = _check(teacher_out, z, alpha, sigma, alpha_prev_cumprod, w, prediction_type)
     teacher_out, z = per_sample_layout(teacher_out.detach(), z.detach())
     out = empty_like_layout(z, torch.promote_types(teacher_out.dtype, z.dtype))
-    batch, n = z.shape[0], z[0].numel()
+    batch = z.shape[0]
+    n = z.numel() // batch
     _solver_kernel[((n + BLOCK - 1) // BLOCK, batch)](
         teacher_out, z, out, alpha, sigma, alpha_prev, w, n, batch,
         PRED=prediction_code(prediction_type), BLOCK=BLOCK, device=z.device, **launch_options(z.device),

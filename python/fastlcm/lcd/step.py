@@ -124,6 +124,9 @@ class LCDSettings:
     loss_type: str = "l2"
     huber_c: float = 0.001
     vae_encode_batch_size: int = 32
+    teacher_cfg_batched: bool = True
+    """Step 9 as one teacher forward over [c; c∅] at 2B (fastlcm's default). False: two B forwards, conditional
+    then unconditional, as diffusers' script does: the same math, kept for `fastlcm bench step`'s lever ablation."""
 
 
 @dataclass
@@ -210,12 +213,17 @@ def lcd_step(
     f_theta = boundary_output(student_out, z_t, alpha_t, sigma_t, c_skip_t, c_out_t, ptype)
 
     with torch.no_grad():
-        # 9. teacher: one forward over [c; c∅] at 2B, guided x̂0 and ε̂
+        # 9. teacher: one forward over [c; c∅] at 2B (or two at B), guided x̂0 and ε̂
         td = models.teacher_dtype
         with models.autocast():
-            teacher_out = models.teacher(
-                torch.cat([z_t, z_t]).to(td), torch.cat([t, t]), **c.cat(c_null).to(td).unet_kwargs()
-            ).sample
+            if s_.teacher_cfg_batched:
+                teacher_out = models.teacher(
+                    torch.cat([z_t, z_t]).to(td), torch.cat([t, t]), **c.cat(c_null).to(td).unet_kwargs()
+                ).sample
+            else:
+                z_td = z_t.to(td)
+                teacher_out = torch.cat([models.teacher(z_td, t, **cond.to(td).unet_kwargs()).sample
+                                         for cond in (c, c_null)])  # fmt: skip
         # 10. DDIM step: z_s = √ᾱ_prev(i)·x̂0 + √(1 − ᾱ_prev(i))·ε̂
         alpha_prev = grid.alpha_cumprod_prev[index].float()
         z_s = solver_step(teacher_out, z_t, alpha_t, sigma_t, alpha_prev, w, ptype)
