@@ -200,7 +200,7 @@ def test_ablations_switch_levers_off_for_the_measurement_and_restore_the_teacher
             assert kernel_mode() == "torch" and st.settings.teacher_cfg_batched is False
             for unet in (teacher.unet, student):
                 assert {type(v) for v in unet.attn_processors.values()} == {AttnProcessor}
-        assert kernel_mode() == "auto"
+        assert kernel_mode() == "auto" and st.settings.teacher_cfg_batched is True
         assert {k: type(v) for k, v in teacher.unet.attn_processors.items()} == before
         with ablations(st, {"kernels": "auto", "teacher_cfg": "batched", "attention": "sdpa"}):
             assert {k: type(v) for k, v in teacher.unet.attn_processors.items()} == before

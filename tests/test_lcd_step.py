@@ -274,3 +274,33 @@ def test_cached_latents_give_the_image_path_loss(tiny_teacher_factory, family):
     # the replacement matters: without it (the original caption's embedding) the loss differs
     plain = lcd_step(None, captions, cached, grid, settings, TorchDraws("cpu", 5), latent_batch).loss
     assert not torch.allclose(plain, image_loss, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_split_teacher_cfg_gives_the_batched_loss(tiny_teacher_factory, family):
+    """The bench's ablation of the 2B teacher forward (two B forwards, as diffusers' script) is the same math, also
+    with SDXL's added conditioning (pooled embeddings and time ids split with the prompt embeddings)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from fastlcm import models as fm
+    from fastlcm.config import TrainConfig
+    from fastlcm.lcd.step import TorchDraws
+
+    cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher_factory(family, "epsilon")), resolution=64)
+    teacher = fm.load_teacher(cfg)
+    torch.manual_seed(0)
+    student = fm.build_student(teacher.unet, D)
+    nets = LCDModels(vae=teacher.vae, text=fm.text_conditioner_for(teacher, "cpu", cfg), student=student,
+                     teacher=teacher.unet, target=fm.build_target(student), prediction_type=teacher.prediction_type,
+                     scaling_factor=teacher.vae.config.scaling_factor)  # fmt: skip
+    grid = SolverGrid.build(teacher.noise_scheduler.alphas_cumprod.to(torch.float64), N)
+    batched = LCDSettings(w_min=3.0, w_max=8.0, guidance_dim=D, loss_type="huber")
+    pixels = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    batch = SimpleNamespace(original_sizes=torch.tensor([[64, 80], [96, 64], [64, 64]]),
+                            crop_coords=torch.tensor([[0, 7], [15, 0], [0, 0]]))  # fmt: skip
+    captions = ["a red circle", "", "a photo of a cat"]
+    losses = [lcd_step(pixels, captions, nets, grid, s, TorchDraws("cpu", 7), batch).loss
+              for s in (batched, dataclasses.replace(batched, teacher_cfg_batched=False))]  # fmt: skip
+    assert losses[0].item() > 0
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-7)

@@ -131,6 +131,7 @@ def ablations(st, levers: dict):
         if levers.get("kernels", "auto") != "auto":
             stack.enter_context(forced_kernels(levers["kernels"]))
         if levers.get("teacher_cfg", "batched") != "batched":
+            stack.callback(setattr, st, "settings", st.settings)
             st.settings = dataclasses.replace(st.settings, teacher_cfg_batched=False)
         if levers.get("attention", "sdpa") != "sdpa":
             from diffusers.models.attention_processor import AttnProcessor
