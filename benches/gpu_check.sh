@@ -125,7 +125,7 @@ run_stage() {
         --out-csv "$OUT/step.csv" ;;
     step_fp16) stage step_fp16 100 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision $FP16 --json \
         --out-csv "$OUT/step.csv" ;;
-    step_matrix) stage step_matrix "${GPU_CHECK_MATRIX_CAP:-360}" $PY -m fastlcm bench step $MATRIX_ARGS \
+    step_matrix) stage step_matrix "${GPU_CHECK_MATRIX_CAP:-400}" $PY -m fastlcm bench step $MATRIX_ARGS \
         --matrix "$MATRIX_SETS" --out-csv "$OUT/step.csv" ;;
     *) echo "== unknown stage $1 (GPU_CHECK_STAGES)"; ORDER+=("$1"); RC[$1]="unknown"; SECS[$1]=0 ;;
     esac
