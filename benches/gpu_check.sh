@@ -24,8 +24,9 @@
 # with the kernel tests (the loss backward changed) and the matrix sets of DEFAULT_MATRIX below: the ablations of
 # the levers the trainer always uses, gradient checkpointing alone, +latents twice (run-to-run noise) and
 # +compile-ro (CUDA graphs, about 200 s of compile, last so that a cut leaves the other rows). Other stages:
-# loader, kernels_compile, step_bf16, step_fp16. Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP. Test files:
-# GPU_CHECK_TESTS (the trainer's GPU tests: tests/test_train_gpu.py tests/test_precompute.py). Matrix sets:
+# loader, kernels_compile, step_bf16, step_fp16, step_sdxl (SDXL, 1024 px, batch 4, cached latents, gradient
+# checkpointing). Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP. Test files: GPU_CHECK_TESTS (the trainer's GPU
+# tests, incl. the lever checks with compile-ro: tests/test_train_gpu.py tests/test_precompute.py). Matrix sets:
 # GPU_CHECK_MATRIX (comma list or "all"; images+compile adds another ~200 s of compile).
 # GPU_CHECK_SMOKE=1 runs the same stages on a CPU at toy sizes (tiny teacher, 24 images; tests only collected), to
 # check the script itself before spending device time: GPU_CHECK_SMOKE=1 bash benches/gpu_check.sh  (~30 s)
@@ -71,6 +72,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     KERNELS_ARGS="--device cpu --sizes 2x4x8x8 --warmup 1 --iters 2"; KCOMPILE_SIZES="2x4x8x8"; KGRAPH=""
     WRAPPER_ARGS="--device cpu --sizes 2x4x8x8 --calls 100 --rounds 1"
     STEP_ARGS="--family tiny --batch-size 2 --steps 2 --warmup 1 --parts-steps 1 --device cpu"
+    SDXL_ARGS="$STEP_ARGS --input latents"
     MATRIX_ARGS="--family tiny --batch-size 2 --steps 2 --warmup 1 --parts-steps 0 --device cpu"
     MATRIX_SETS=${GPU_CHECK_MATRIX:-reference-bf16,latents:split-cfg}
     FP16="no"
@@ -80,6 +82,8 @@ else
     KERNELS_ARGS="--warmup 10 --iters 100"; KCOMPILE_SIZES="sd15:12,sdxl:12"; KGRAPH="--cuda-graph"
     WRAPPER_ARGS="--sizes sd15:12"
     STEP_ARGS="--family sd15 --batch-size 12 --resolution 512 --steps 20"
+    SDXL_ARGS="--family sdxl --batch-size 4 --resolution 1024 --steps 10 --warmup 3 --parts-steps 2 --input latents \
+        --gradient-checkpointing"
     MATRIX_ARGS="--family sd15 --batch-size 12 --resolution 512 --steps 15 --warmup 4 --parts-steps 3"
     MATRIX_SETS=${GPU_CHECK_MATRIX:-$DEFAULT_MATRIX}
     FP16="fp16 --gradient-checkpointing"
@@ -125,6 +129,7 @@ run_stage() {
         --out-csv "$OUT/step.csv" ;;
     step_fp16) stage step_fp16 100 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision $FP16 --json \
         --out-csv "$OUT/step.csv" ;;
+    step_sdxl) stage step_sdxl 150 $PY -m fastlcm bench step $SDXL_ARGS --json --out-csv "$OUT/step.csv" ;;
     step_matrix) stage step_matrix "${GPU_CHECK_MATRIX_CAP:-400}" $PY -m fastlcm bench step $MATRIX_ARGS \
         --matrix "$MATRIX_SETS" --out-csv "$OUT/step.csv" ;;
     *) echo "== unknown stage $1 (GPU_CHECK_STAGES)"; ORDER+=("$1"); RC[$1]="unknown"; SECS[$1]=0 ;;
@@ -162,7 +167,7 @@ for kname in ("kernels", "kernels_graph", "kernels_compile"):
         print(f"  {r['op']:<13}{r['shape']:<16}{r['impl']:<8}{r['ms']:>8.3f} ms{r['gbps']:>7.0f} GB/s{r['pct_copy_bw']:>5.0f}%"
               f"  x{r['speedup_vs_eager'] or 0:.2f} vs eager  {r['check']}")
 print(f"{'step':<34}{'samples/s':>10}{'step s':>9}{'peak GiB':>10}  parts (s, instrumented: vae/text/teacher/target/student/opt/loader)")
-for name in ("step_bf16", "step_fp16"):
+for name in ("step_bf16", "step_fp16", "step_sdxl"):
     s = load(name)
     if not os.path.exists(os.path.join(w, name + ".out")):
         continue
