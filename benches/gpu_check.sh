@@ -119,8 +119,8 @@ run_stage() {
         cp "$WORK/tests.out" "$WORK/pytest.txt" 2>/dev/null; tail -n 3 "$WORK/tests.out" 2>/dev/null ;;
     kernels_wrapper) stage kernels_wrapper 40 $PY -m fastlcm bench kernels --wrapper-overhead \
         --record "$OUT/kernel_wrapper.csv" $WRAPPER_ARGS ;;
-    kernels) stage kernels 50 $PY -m fastlcm bench kernels --no-compile --json --record "$OUT/kernels.csv" $KERNELS_ARGS ;;
-    kernels_graph) stage kernels_graph 40 $PY -m fastlcm bench kernels --no-compile $KGRAPH --json \
+    kernels) stage kernels 60 $PY -m fastlcm bench kernels --no-compile --json --record "$OUT/kernels.csv" $KERNELS_ARGS ;;
+    kernels_graph) stage kernels_graph 60 $PY -m fastlcm bench kernels --no-compile $KGRAPH --json \
         --record "$OUT/kernels.csv" $KERNELS_ARGS ;;
     kernels_compile) stage kernels_compile 80 $PY -m fastlcm bench kernels --json --record "$OUT/kernels.csv" \
         $KERNELS_ARGS --sizes "$KCOMPILE_SIZES" ;;

@@ -410,6 +410,7 @@ def test_bench_cpu_smoke_json(capsys, tmp_path):
     assert {(r["op"], r["impl"]) for r in out["rows"]} == {(op, i) for op in bench.OPS for i in ("triton", "eager")}
     assert all(r["check"] == "ok" for r in out["rows"] if r["impl"] == "triton")
     assert all(r["ms"] > 0 and r["shape"] == "2x4x5x7" for r in out["rows"])
+    assert all(r["timing"] == "host launch, 2 input copies" for r in out["rows"])
     assert not (tmp_path / "k.csv").exists(), "a CPU smoke run must not record results"
     assert bench.parse_size("sd15:12") == (12, 4, 64, 64) and bench.parse_size("sdxl:48") == (48, 4, 128, 128)
     with pytest.raises(ValueError, match="--sizes"):
@@ -441,6 +442,29 @@ def test_bench_wrapper_overhead_times_the_host_code_without_launching(capsys, tm
         solver._solver_kernel[(1, 1)](device=torch.device("cpu"))
     bench, args = bench_args("--wrapper-overhead", "--rounds", "0")
     assert bench.run(args) == 2
+
+
+def test_bench_rotates_input_copies_past_the_l2_cache():
+    from fastlcm.bench import kernels as bench
+
+    mib = 2**20
+    # boundary_fwd moves 3 × N × 2 bytes per call: 12×4×64×64 bf16 = 1.125 MiB, so 2 × 50 MiB takes 89 copies
+    assert bench.input_copies("boundary_fwd", 12 * 4 * 64 * 64, 2, 50 * mib, warm=False) == 89
+    assert bench.input_copies("solver", 48 * 4 * 128 * 128, 2, 50 * mib, warm=False) == 5  # 24 MiB per call
+    assert bench.input_copies("loss", 1 * 4 * 8 * 8, 2, 50 * mib, warm=False) == 256  # capped
+    assert bench.input_copies("loss", 12 * 4 * 64 * 64, 2, 50 * mib, warm=True) == 1
+    seen = []
+    call = bench.rotating([lambda i=i: seen.append(i) for i in range(3)])
+    for _ in range(7):
+        call()
+    assert seen == [0, 1, 2, 0, 1, 2, 0]
+    cases = bench.make_cases("boundary_fwd", (2, 4, 3, 5), torch.float32, torch.device("cpu"), "l2", "epsilon",
+                             compile_=False, copies=3)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KERNELS_ENV, "torch")
+        first, second, third, fourth = (cases["eager"]() for _ in range(4))
+    assert not torch.equal(first, second) and not torch.equal(second, third)  # independent inputs
+    assert torch.equal(first, fourth)  # back to the first copy
 
 
 @pytest.mark.gpu

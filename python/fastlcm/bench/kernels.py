@@ -6,6 +6,11 @@ count for every implementation — and relates it to the card's measured copy ba
 large buffer: read + write). Before timing, the Triton result is checked against eager. Rows are appended to
 ``benches/results/kernels.csv`` stamped with the GPU name, commit and date.
 
+Cold cache: a latent batch of these sizes (0.4–25 MB per tensor) fits in a GPU's L2 cache (50 MB on H100/H200),
+so calling an op again and again on the same tensors would measure L2, not DRAM, bandwidth — and compare it with a
+DRAM copy. Each timed call therefore takes the next of several input copies, as many as needed to move at least
+twice the L2 size per round (``--l2-warm`` reuses one set, for comparison).
+
 Sizes: ``sd15:B`` = B×4×64×64 (512 px), ``sdxl:B`` = B×4×128×128 (1024 px), or an explicit ``BxCxHxW``.
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import sys
 import time
@@ -47,7 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="time replays of a CUDA graph of --graph-calls calls (device time, no launch overhead)")
-    parser.add_argument("--graph-calls", type=int, default=20, help="calls captured per graph (default 20)")
+    parser.add_argument("--graph-calls", type=int, default=20,
+                        help="calls captured per graph (default 20; at least one per input copy)")
+    parser.add_argument("--l2-warm", action="store_true",
+                        help="time every call on the same inputs (L2-resident) instead of rotating input copies")
     parser.add_argument("--copy-mib", type=int, default=1024, help="buffer size for the copy bandwidth (default 1024)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument("--wrapper-overhead", action="store_true",
@@ -121,7 +130,7 @@ class Timer:
         with torch.cuda.graph(graph):
             for _ in range(self.graph_calls):
                 fn()
-        replays = max(1, self.iters // self.graph_calls)
+        replays = max(3, self.iters // self.graph_calls)
         graph.replay()
         torch.cuda.synchronize(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -144,14 +153,50 @@ def copy_bandwidth(device, mib: int, timer: Timer) -> float:
     return 2 * src.numel() * 4 / seconds / 1e9
 
 
-def make_cases(op: str, shape, dtype, device, loss_type: str, prediction_type: str, compile_: bool):
-    """{impl: zero-arg callable returning the op's output(s)} for one op and size."""
+def input_copies(op: str, numel: int, element_size: int, l2_bytes: int, warm: bool) -> int:
+    """How many input sets the timed calls rotate through: enough that one round moves ≥ 2× the L2 size."""
+    if warm:
+        return 1
+    per_call = IDEAL_BYTES[op] * numel * element_size
+    return max(2, min(256, -(-2 * l2_bytes // per_call)))
+
+
+def l2_cache_bytes(device) -> int:
+    """The GPU's L2 size (50 MiB when torch does not say); 0 for the CPU smoke test (two copies: the rotation still
+    runs)."""
+    import torch
+
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20)
+
+
+def rotating(calls: list):
+    """One zero-arg callable that calls the next of ``calls`` each time, starting with the first."""
+    it = itertools.cycle(calls)
+    return lambda: next(it)()
+
+
+def make_cases(op: str, shape, dtype, device, loss_type: str, prediction_type: str, compile_: bool, copies: int = 1):
+    """{impl: zero-arg callable returning the op's output(s)} for one op and size; each call uses the next of
+    ``copies`` independent input sets (the first call of every impl uses the first set)."""
+    sets = [_make_cases(op, shape, dtype, device, loss_type, prediction_type, compile_, seed) for seed in range(copies)]
+    fns = {}
+    for impl in sets[0]:
+        fns[impl] = rotating([s[impl] for s in sets])
+    return fns
+
+
+_COMPILED: dict = {}
+
+
+def _make_cases(op: str, shape, dtype, device, loss_type: str, prediction_type: str, compile_: bool, seed: int):
     import torch
 
     from fastlcm import kernels
     from fastlcm.lcd import math as lcd_math
 
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     batch = shape[0]
 
     def rnd(*s):
@@ -164,8 +209,13 @@ def make_cases(op: str, shape, dtype, device, loss_type: str, prediction_type: s
     sigma, c_skip, c_out = (1 - alpha**2).sqrt(), per_sample(0.0, 1.0), per_sample(0.0, 1.0)
     a_prev, w = per_sample(0.05, 0.99), per_sample(3.0, 15.0)
 
-    def compiled(fn):
-        return torch.compile(fn, dynamic=False) if compile_ else None
+    def compiled(fn):  # one torch.compile per op and size, shared by the input copies
+        if not compile_:
+            return None
+        key = (op, tuple(shape), dtype, loss_type, prediction_type)
+        if key not in _COMPILED:
+            _COMPILED[key] = torch.compile(fn, dynamic=False)
+        return _COMPILED[key]
 
     if op == "loss":
         pred, target = rnd(*shape).requires_grad_(True), rnd(*shape)
@@ -282,8 +332,8 @@ def run(args) -> int:
         print(f"fastlcm bench kernels: --graph-calls must be >= 1, got {args.graph_calls}", file=sys.stderr)
         return 2
     timer = Timer(device, args.warmup, args.iters)
-    graph_timer = Timer(device, args.warmup, args.iters, args.graph_calls) if args.cuda_graph else None
     timing = "cuda-graph replay" if args.cuda_graph else "host launch"
+    l2_bytes = l2_cache_bytes(device)
     gpu = torch.cuda.get_device_name(device) if not smoke else "cpu (smoke test: Triton interpreter)"
     copy_gbps = copy_bandwidth(device, min(args.copy_mib, 16) if smoke else args.copy_mib, timer)
     import triton
@@ -296,24 +346,32 @@ def run(args) -> int:
             numel = 1
             for d in shape:
                 numel *= d
-            ideal = {op: IDEAL_BYTES[op] * numel * torch.tensor([], dtype=dtype).element_size() for op in ops}
+            element_size = torch.tensor([], dtype=dtype).element_size()
+            ideal = {op: IDEAL_BYTES[op] * numel * element_size for op in ops}
             for op in ops:
-                cases = make_cases(op, shape, dtype, device, args.loss_type, args.prediction_type, compile_)
+                copies = input_copies(op, numel, element_size, l2_bytes, args.l2_warm)
+                cases = make_cases(op, shape, dtype, device, args.loss_type, args.prediction_type, compile_, copies)
                 check = _check(cases["triton"](), cases["eager"](), dtype)
                 failed |= check != "ok"
-                times = {impl: (graph_timer or timer)(fn) for impl, fn in cases.items()}
+                case_timer = timer
+                if args.cuda_graph:  # whole rounds of the input copies in each graph
+                    calls = -(-max(args.graph_calls, copies) // copies) * copies
+                    case_timer = Timer(device, args.warmup, max(args.iters, calls), calls)
+                times = {impl: case_timer(fn) for impl, fn in cases.items()}
+                inputs = "L2-warm: one input set" if copies == 1 else f"{copies} input copies"
                 for impl, seconds in times.items():
                     gbps = ideal[op] / seconds / 1e9
                     rows.append({**meta, "op": op, "shape": "x".join(map(str, shape)), "dtype": args.dtype,
                                  "impl": impl, "ms": seconds * 1e3, "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps,
                                  "speedup_vs_eager": times["eager"] / seconds, "copy_gbps": copy_gbps,
-                                 "check": check if impl == "triton" else "", "timing": timing})  # fmt: skip
+                                 "check": check if impl == "triton" else "", "timing": f"{timing}, {inputs}"})  # fmt: skip
     if args.json:
         print(json.dumps({**meta, "copy_gbps": copy_gbps, "ideal_bytes_per_element": IDEAL_BYTES, "rows": rows},
                          indent=2))  # fmt: skip
     else:
         print(f"GPU: {gpu}   torch {meta['torch']}   triton {meta['triton']}   commit {meta['commit']}")
-        print(f"copy bandwidth (dst.copy_(src), read+write): {copy_gbps:.1f} GB/s; timing: {timing}")
+        inputs = "one set (L2-warm)" if args.l2_warm else f"rotated copies, >= 2x the {l2_bytes / 2**20:.0f} MiB L2 per round"
+        print(f"copy bandwidth (dst.copy_(src), read+write): {copy_gbps:.1f} GB/s; timing: {timing}; inputs: {inputs}")
         print("GB/s = ideal bytes (IDEAL_BYTES x N x element size) / time; loss/boundary include the backward")
         print(f"{'op':<13}{'shape':<16}{'dtype':<10}{'impl':<9}{'ms':>9}{'GB/s':>9}{'%copy':>8}{'x eager':>9}  check")
         for r in rows:
