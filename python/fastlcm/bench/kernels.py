@@ -6,7 +6,7 @@ count for every implementation — and relates it to the card's measured copy ba
 large buffer: read + write). Before timing, the Triton result is checked against eager. Rows are appended to
 ``benches/results/kernels.csv`` stamped with the GPU name, commit and date.
 
-Cold cache: a latent batch of these sizes (0.4–25 MB per tensor) fits in a GPU's L2 cache (50 MB on H100/H200),
+Cold cache: a latent batch of these sizes (0.4–25 MB per tensor) fits in a GPU's L2 cache (about 50 MB on H100/H200),
 so calling an op again and again on the same tensors would measure L2, not DRAM, bandwidth — and compare it with a
 DRAM copy. Each timed call therefore takes the next of several input copies, as many as needed to move at least
 twice the L2 size per round (``--l2-warm`` reuses one set, for comparison).
@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wrapper-overhead", action="store_true",
                         help="time fastlcm's host code around each launch instead, launches stubbed out (runs on CPU)")
     parser.add_argument("--calls", type=int, default=20000, help="--wrapper-overhead: calls per round (default 20000)")
-    parser.add_argument("--rounds", type=int, default=5, help="--wrapper-overhead: rounds, median taken (default 5)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="--wrapper-overhead: rounds; the best and the median are reported (default 5)")
     parser.add_argument("--record", default=None,
                         help="CSV the rows are appended to (default benches/results/kernels.csv, or "
                              "kernel_wrapper.csv with --wrapper-overhead)")  # fmt: skip
@@ -364,13 +365,15 @@ def run(args) -> int:
                     rows.append({**meta, "op": op, "shape": "x".join(map(str, shape)), "dtype": args.dtype,
                                  "impl": impl, "ms": seconds * 1e3, "gbps": gbps, "pct_copy_bw": 100 * gbps / copy_gbps,
                                  "speedup_vs_eager": times["eager"] / seconds, "copy_gbps": copy_gbps,
-                                 "check": check if impl == "triton" else "", "timing": f"{timing}, {inputs}"})  # fmt: skip
+                                 "check": check if impl == "triton" else "",
+                                 "timing": f"{timing}, {inputs}"})  # fmt: skip
     if args.json:
         print(json.dumps({**meta, "copy_gbps": copy_gbps, "ideal_bytes_per_element": IDEAL_BYTES, "rows": rows},
                          indent=2))  # fmt: skip
     else:
         print(f"GPU: {gpu}   torch {meta['torch']}   triton {meta['triton']}   commit {meta['commit']}")
-        inputs = "one set (L2-warm)" if args.l2_warm else f"rotated copies, >= 2x the {l2_bytes / 2**20:.0f} MiB L2 per round"
+        inputs = ("one set (L2-warm)" if args.l2_warm
+                  else f"rotated copies, >= 2x the {l2_bytes / 2**20:.0f} MiB L2 per round")  # fmt: skip
         print(f"copy bandwidth (dst.copy_(src), read+write): {copy_gbps:.1f} GB/s; timing: {timing}; inputs: {inputs}")
         print("GB/s = ideal bytes (IDEAL_BYTES x N x element size) / time; loss/boundary include the backward")
         print(f"{'op':<13}{'shape':<16}{'dtype':<10}{'impl':<9}{'ms':>9}{'GB/s':>9}{'%copy':>8}{'x eager':>9}  check")

@@ -54,8 +54,6 @@ PARTS = ("loader_wait", "vae_encode", "text_encode", "teacher_forward", "target_
 PARTS_NOTE = ("parts: seconds per step from a separate instrumented pass that synchronizes the device around each "
               "part (no CPU/GPU overlap), so they sum to instrumented_step_s, not to step_s; loader_wait includes "
               "the host-to-device copy; other = LCD elementwise math, random draws and the trainer's loss sync")  # fmt: skip
-LEVERS = ("mixed_precision", "gradient_checkpointing", "optimizer_impl", "loader_dtype", "device_prefetch",
-          "channels_last", "compile_unets", "compile_mode", "input", *ABLATION_LEVERS)  # fmt: skip
 CSV_COLUMNS = ("date", "commit", "gpu", "cpu", "family", "batch_size", "resolution", "levers", "mixed_precision",
                "gradient_checkpointing", "compile", "optimizer_impl", "loader_dtype", "device_prefetch",
                "channels_last", "compile_unets", "compile_mode", "input", "steps", "samples_per_s", "step_s",
@@ -103,8 +101,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--matrix", metavar="NAME[,NAME...]",
                         help="run these lever sets in one process on one teacher (or 'all'): "
                              "reference-bf16, reference-fp16-ckpt, +fused-adam, +uint8-prefetch, +channels-last, "
-                             "+latents, +compile, +compile-ro (the + sets are cumulative, in this order); the "
-                             "lever flags above are then ignored")  # fmt: skip
+                             "+latents, +compile, +compile-ro (the + sets are cumulative, in this order), and "
+                             "one-change variants: images+compile, reference-bf16-ckpt, latents:torch-kernels, "
+                             "latents:split-cfg, latents:classic-attention; the lever flags above are then "
+                             "ignored")  # fmt: skip
     parser.add_argument("--loader-threads", type=int, default=0, help="decode threads (0 = all cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.add_argument("--out-csv", metavar="PATH", help="append a row to this CSV (e.g. benches/results/step.csv)")
@@ -497,7 +497,8 @@ def levers_text(c: dict) -> str:
         bits.append(f"compile {c['compile_unets']} ({c['compile_mode']})")
     off = {"kernels": "torch-reference kernels", "teacher_cfg": "teacher CFG as 2 forwards",
            "attention": "classic attention"}  # fmt: skip
-    bits += [text for lever, text in off.items() if c.get(lever, ABLATION_LEVERS[lever][0]) != ABLATION_LEVERS[lever][0]]
+    trainer = {lever: settings[0] for lever, settings in ABLATION_LEVERS.items()}
+    bits += [text for lever, text in off.items() if c.get(lever, trainer[lever]) != trainer[lever]]
     return ", ".join(bits)
 
 

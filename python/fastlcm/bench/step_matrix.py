@@ -187,8 +187,8 @@ def print_header(args, device, info: dict, teacher_s: float) -> None:
     print(f"device: {gpu}; commit {info['commit']}; {info['date']}; torch {torch.__version__}; teacher {family} "
           f"(random weights, built in {teacher_s:.1f} s), batch {args.batch_size}, {args.resolution} px, "
           f"{args.warmup} warm-up + {args.steps} timed steps")  # fmt: skip
-    print(f"{'set':<27}{'samples/s':>10}{'step s':>9}{'peak GiB':>9}{'warm-up s':>10}{'vs base':>8}  {'base':<16}levers",
-          flush=True)  # fmt: skip
+    print(f"{'set':<27}{'samples/s':>10}{'step s':>9}{'peak GiB':>9}{'warm-up s':>10}{'vs base':>8}  "
+          f"{'base':<16}levers", flush=True)  # fmt: skip
 
 
 def compare(record: dict, measured: dict[str, float]) -> None:

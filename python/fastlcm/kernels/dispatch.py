@@ -231,7 +231,8 @@ def flat_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def empty_like_layout(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized tensor with ``x``'s shape and strides (``x`` is dense here, so ``empty_like`` keeps them)."""
     out = torch.empty_like(x, dtype=dtype)
-    if not x.is_contiguous() and out.stride() != x.stride():  # pragma: no cover - empty_like keeps strides of dense tensors
+    # empty_like keeps the strides of dense tensors; checked only off the contiguous fast path
+    if not x.is_contiguous() and out.stride() != x.stride():  # pragma: no cover
         raise RuntimeError(f"internal: layout not preserved ({x.stride()} -> {out.stride()})")
     return out
 
