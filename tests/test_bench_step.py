@@ -224,5 +224,5 @@ def test_bench_step_matrix_ablations_compare_with_their_base(capsys, one_torch_t
     assert classic["vs_base"] == pytest.approx(base["step_s"] / classic["step_s"])
     # +latents' own base (+channels-last) was not measured; a set named twice gets two rows
     assert base["base"] == "+channels-last" and base["vs_base"] is None and again["vs_base"] is None
-    assert again["step_s"] > 0 and again["step_s"] != base["step_s"]
+    assert again["step_s"] > 0
     assert all(s["nonfinite_losses"] == 0 for s in sets)
