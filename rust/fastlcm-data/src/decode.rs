@@ -484,4 +484,4 @@ fn planes_bytes<const K: usize>(src: &[u8], dst: &mut [u8], f: impl Fn(u8) -> [u
 
 #[cfg(test)]
 #[path = "decode_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -202,16 +202,25 @@ fn huge_declared_size_is_rejected_before_allocation() {
 
 fn jpeg(w: u32, h: u32) -> Vec<u8> {
     let px = pattern(w, h, |x, y, c| (x / 4) * 9 + (y / 4) * 5 + c * 60);
+    encode_rgb_jpeg(&px, w, h, 95, turbojpeg::Subsamp::None)
+}
+
+/// JPEG bytes of packed RGB pixels (`w * h * 3`), for the tests of this crate.
+pub(crate) fn encode_rgb_jpeg(
+    px: &[u8],
+    w: u32,
+    h: u32,
+    quality: i32,
+    subsamp: turbojpeg::Subsamp,
+) -> Vec<u8> {
     let img = turbojpeg::Image {
-        pixels: px.as_slice(),
+        pixels: px,
         width: w as usize,
         pitch: w as usize * 3,
         height: h as usize,
         format: turbojpeg::PixelFormat::RGB,
     };
-    turbojpeg::compress(img, 95, turbojpeg::Subsamp::None)
-        .unwrap()
-        .to_vec()
+    turbojpeg::compress(img, quality, subsamp).unwrap().to_vec()
 }
 
 #[test]

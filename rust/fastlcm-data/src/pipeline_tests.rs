@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::decode::tests::encode_rgb_jpeg;
 use crate::decode::DType;
 use crate::pipeline::{Loader, LoaderConfig, ResumeState};
 use crate::safetensors::tests::file as safetensors_file;
@@ -20,16 +21,7 @@ fn jpeg(w: u32, h: u32, v: u32) -> Vec<u8> {
             ]);
         }
     }
-    let img = turbojpeg::Image {
-        pixels: px.as_slice(),
-        width: w as usize,
-        pitch: w as usize * 3,
-        height: h as usize,
-        format: turbojpeg::PixelFormat::RGB,
-    };
-    turbojpeg::compress(img, 90, turbojpeg::Subsamp::Sub2x2)
-        .unwrap()
-        .to_vec()
+    encode_rgb_jpeg(&px, w, h, 90, turbojpeg::Subsamp::Sub2x2)
 }
 
 fn tmpdir(name: &str) -> PathBuf {
