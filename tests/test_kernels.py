@@ -450,10 +450,13 @@ def test_bench_rotates_input_copies_past_the_l2_cache():
 
     mib = 2**20
     # boundary_fwd moves 3 × N × 2 bytes per call: 12×4×64×64 bf16 = 1.125 MiB, so 2 × 50 MiB takes 89 copies
-    assert bench.input_copies("boundary_fwd", 12 * 4 * 64 * 64, 2, 50 * mib, warm=False) == 89
-    assert bench.input_copies("solver", 48 * 4 * 128 * 128, 2, 50 * mib, warm=False) == 5  # 24 MiB per call
-    assert bench.input_copies("loss", 1 * 4 * 8 * 8, 2, 50 * mib, warm=False) == 256  # capped
-    assert bench.input_copies("loss", 12 * 4 * 64 * 64, 2, 50 * mib, warm=True) == 1
+    def copies(op, numel, warm=False):  # bf16: 2 bytes per element
+        return bench.input_copies(bench.IDEAL_BYTES[op] * numel * 2, 50 * mib, warm)
+
+    assert copies("boundary_fwd", 12 * 4 * 64 * 64) == 89
+    assert copies("solver", 48 * 4 * 128 * 128) == 5  # 24 MiB per call
+    assert copies("loss", 1 * 4 * 8 * 8) == 256  # capped
+    assert copies("loss", 12 * 4 * 64 * 64, warm=True) == 1
     seen = []
     call = bench.rotating([lambda i=i: seen.append(i) for i in range(3)])
     for _ in range(7):

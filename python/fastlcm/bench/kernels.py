@@ -154,12 +154,12 @@ def copy_bandwidth(device, mib: int, timer: Timer) -> float:
     return 2 * src.numel() * 4 / seconds / 1e9
 
 
-def input_copies(op: str, numel: int, element_size: int, l2_bytes: int, warm: bool) -> int:
-    """How many input sets the timed calls rotate through: enough that one round moves ≥ 2× the L2 size."""
+def input_copies(per_call_bytes: int, l2_bytes: int, warm: bool) -> int:
+    """How many input sets the timed calls rotate through: enough that one round of calls moving
+    ``per_call_bytes`` each (the op's ideal traffic) moves ≥ 2× the L2 size."""
     if warm:
         return 1
-    per_call = IDEAL_BYTES[op] * numel * element_size
-    return max(2, min(256, -(-2 * l2_bytes // per_call)))
+    return max(2, min(256, -(-2 * l2_bytes // per_call_bytes)))
 
 
 def l2_cache_bytes(device) -> int:
@@ -181,17 +181,17 @@ def rotating(calls: list):
 def make_cases(op: str, shape, dtype, device, loss_type: str, prediction_type: str, compile_: bool, copies: int = 1):
     """{impl: zero-arg callable returning the op's output(s)} for one op and size; each call uses the next of
     ``copies`` independent input sets (the first call of every impl uses the first set)."""
-    sets = [_make_cases(op, shape, dtype, device, loss_type, prediction_type, compile_, seed) for seed in range(copies)]
+    compiled: dict = {}  # one torch.compile per impl, shared by the copies (same shapes: no recompiles)
+    sets = [_make_cases(op, shape, dtype, device, loss_type, prediction_type, compile_, seed, compiled)
+            for seed in range(copies)]  # fmt: skip
     fns = {}
     for impl in sets[0]:
         fns[impl] = rotating([s[impl] for s in sets])
     return fns
 
 
-_COMPILED: dict = {}
-
-
-def _make_cases(op: str, shape, dtype, device, loss_type: str, prediction_type: str, compile_: bool, seed: int):
+def _make_cases(op: str, shape, dtype, device, loss_type: str, prediction_type: str, compile_: bool, seed: int,
+                compiled_fns: dict):  # fmt: skip
     import torch
 
     from fastlcm import kernels
@@ -210,13 +210,12 @@ def _make_cases(op: str, shape, dtype, device, loss_type: str, prediction_type: 
     sigma, c_skip, c_out = (1 - alpha**2).sqrt(), per_sample(0.0, 1.0), per_sample(0.0, 1.0)
     a_prev, w = per_sample(0.05, 0.99), per_sample(3.0, 15.0)
 
-    def compiled(fn):  # one torch.compile per op and size, shared by the input copies
+    def compiled(fn):  # the first copy's compiled function serves every copy
         if not compile_:
             return None
-        key = (op, tuple(shape), dtype, loss_type, prediction_type)
-        if key not in _COMPILED:
-            _COMPILED[key] = torch.compile(fn, dynamic=False)
-        return _COMPILED[key]
+        if "compile" not in compiled_fns:
+            compiled_fns["compile"] = torch.compile(fn, dynamic=False)
+        return compiled_fns["compile"]
 
     if op == "loss":
         pred, target = rnd(*shape).requires_grad_(True), rnd(*shape)
@@ -347,10 +346,9 @@ def run(args) -> int:
             numel = 1
             for d in shape:
                 numel *= d
-            element_size = torch.tensor([], dtype=dtype).element_size()
-            ideal = {op: IDEAL_BYTES[op] * numel * element_size for op in ops}
+            ideal = {op: IDEAL_BYTES[op] * numel * torch.tensor([], dtype=dtype).element_size() for op in ops}
             for op in ops:
-                copies = input_copies(op, numel, element_size, l2_bytes, args.l2_warm)
+                copies = input_copies(ideal[op], l2_bytes, args.l2_warm)
                 cases = make_cases(op, shape, dtype, device, args.loss_type, args.prediction_type, compile_, copies)
                 check = _check(cases["triton"](), cases["eager"](), dtype)
                 failed |= check != "ok"

@@ -58,27 +58,27 @@ def base_set(name: str) -> str | None:
 
 def lever_set(name: str, image_input: str) -> dict:
     """The levers of a named set; ``image_input`` (loader or synthetic) is the input of the image sets."""
-    if name in VARIANTS:
-        base, change = VARIANTS[name]
-        levers = {**lever_set(base, image_input), **change}
-        if levers["input"] == "images":
-            levers["input"] = image_input
-        return levers
-    if name == "reference-fp16-ckpt":
-        levers = {**REFERENCE_BF16, "mixed_precision": "fp16", "gradient_checkpointing": True}
-    elif name == "reference-bf16":
-        levers = dict(REFERENCE_BF16)
-    else:
-        levers = dict(REFERENCE_BF16)
-        for step_name, change in CHAIN:
-            levers.update(change)
-            if step_name == name:
-                break
-        else:
-            raise ValueError(f"--matrix: unknown lever set {name!r} (sets: {', '.join(SETS)}, or all)")
+    levers = _levers(name)
     if levers["input"] == "images":
         levers["input"] = image_input
     return levers
+
+
+def _levers(name: str) -> dict:
+    """A set's levers, with ``input`` "images" for the image sets."""
+    if name in VARIANTS:
+        base, change = VARIANTS[name]
+        return {**_levers(base), **change}
+    if name == "reference-fp16-ckpt":
+        return {**REFERENCE_BF16, "mixed_precision": "fp16", "gradient_checkpointing": True}
+    levers = dict(REFERENCE_BF16)
+    if name == "reference-bf16":
+        return levers
+    for step_name, change in CHAIN:
+        levers.update(change)
+        if step_name == name:
+            return levers
+    raise ValueError(f"--matrix: unknown lever set {name!r} (sets: {', '.join(SETS)}, or all)")
 
 
 def parse_sets(spec: str) -> list[str]:
