@@ -33,6 +33,7 @@ def _check(out: dict, batch_size: int = 2) -> None:
     assert out["step_s"] > 0 and out["samples_per_s"] == pytest.approx(batch_size / out["step_s"])
     assert out["peak_mem_gib"] is None  # CPU: no CUDA allocator to read
     assert out["gpu"].startswith("cpu")
+    assert out["compile_cache"] is None and not out["config"]["compile"]  # recorded for compiled runs only
     # "other" is the instrumented step minus the named parts, clamped at 0: the named parts must not exceed the
     # step they were measured in (a part timed twice would), and together they account for all of it
     named = sum(v for k, v in out["parts"].items() if k != "other")
@@ -142,6 +143,26 @@ def test_bench_step_matrix_runs_each_lever_set_once(capsys, tmp_path, one_torch_
     assert main(argv[:-1]) == 0  # the table
     table = capsys.readouterr().out
     assert "reference-bf16" in table and "+uint8-prefetch" in table and "vs base" in table
+
+
+def test_bench_csvs_refuse_a_file_with_other_columns_before_measuring(capsys, tmp_path):
+    from fastlcm.bench.loader import append_csv
+
+    old = tmp_path / "old.csv"
+    old.write_text("date,commit,samples_per_s\r\n2026-01-01,abc,1.0\r\n")
+    before = old.read_bytes()
+    assert main(["bench", "step", "--family", "tiny", "--device", "cpu", "--out-csv", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out-csv {old}: its header does not match" in err and "'compile_cache'" in err
+    assert main(["bench", "kernels", "--wrapper-overhead", "--record", str(old), "--calls", "1", "--rounds", "1"]) == 2
+    assert f"--record {old}: its header does not match" in capsys.readouterr().err
+    assert main(["bench", "loader", "--synthetic", "8", "--out-csv", str(old)]) == 2
+    assert f"--out-csv {old}: its header does not match" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown none, different order"):
+        append_csv(str(old), [{"date": "x"}], ["commit", "date", "samples_per_s"])
+    assert old.read_bytes() == before  # nothing appended, nothing rewritten
+    append_csv(str(old), [{"date": "2026-01-02", "samples_per_s": 2.0}], ["date", "commit", "samples_per_s"])
+    assert old.read_text().splitlines()[-1] == "2026-01-02,,2.0"
 
 
 def test_bench_step_matrix_rejects_unknown_sets(capsys):

@@ -388,3 +388,51 @@ def test_compile_cache_persists_outside_tmp_unless_the_user_chose(monkeypatch, t
     assert os.environ[models.COMPILE_CACHE_ENV] == str(tmp_path / "xdg" / "fastlcm" / "torchinductor")
     monkeypatch.setenv(models.COMPILE_CACHE_ENV, str(tmp_path / "mine"))
     assert models.compile_cache_dir() == str(tmp_path / "mine")
+    # importing torch._dynamo (diffusers does) writes inductor's /tmp default into the variable: not a user's choice
+    monkeypatch.setenv(models.COMPILE_CACHE_ENV, models._torch_default_cache_dir())
+    assert models.compile_cache_dir() == str(tmp_path / "xdg" / "fastlcm" / "torchinductor")
+    assert models.compile_cache_state() == "cold"  # (the bench step records it for compiled runs)
+    (tmp_path / "xdg" / "fastlcm" / "torchinductor" / "fxgraph" / "ab").mkdir(parents=True)
+    for name in ("one", "two"):
+        (tmp_path / "xdg" / "fastlcm" / "torchinductor" / "fxgraph" / "ab" / name).write_text("x")
+    assert models.compile_cache_state() == "warm (2 files)"
+
+
+_COMPILE_TWICE = """
+import json, os, sys
+import diffusers  # as the trainer: imports torch._dynamo, which sets TORCHINDUCTOR_CACHE_DIR to its /tmp default
+import torch
+from torch._dynamo.utils import counters
+from fastlcm import models
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3, padding=1))
+x = torch.randn(2, 4, 8, 8, requires_grad=True)
+models.compiled(net, "default")(x).square().mean().backward()
+print(json.dumps({"inductor": dict(counters["inductor"]), "dir": os.environ["TORCHINDUCTOR_CACHE_DIR"]}))
+"""
+
+
+def test_compile_cache_is_reused_by_the_next_process(tmp_path):
+    """End to end, in fresh processes as `fastlcm train` runs: the first compile writes its graphs under
+    ~/.cache/fastlcm (not inductor's /tmp default) and a second process loads them instead of compiling again."""
+    import subprocess
+    import sys
+
+    from fastlcm import models
+
+    env = {k: v for k, v in os.environ.items() if k not in (models.COMPILE_CACHE_ENV, "TRITON_CACHE_DIR")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1")
+    (tmp_path / "tmp").mkdir()
+    ours = tmp_path / "xdg" / "fastlcm" / "torchinductor"
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _COMPILE_TWICE], env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[0]["dir"] == runs[1]["dir"] == str(ours)
+    assert runs[0]["inductor"].get("fxgraph_cache_miss", 0) > 0 and not runs[0]["inductor"].get("fxgraph_cache_hit")
+    assert runs[1]["inductor"].get("fxgraph_cache_hit", 0) > 0 and not runs[1]["inductor"].get("fxgraph_cache_miss")
+    assert any(f.is_file() for f in ours.rglob("*"))
+    # no graph or kernel went to inductor's /tmp default (torch keeps only its CPU precompiled headers there, always)
+    assert not [f for f in (tmp_path / "tmp").rglob("*") if f.is_file() and "precompiled_headers" not in f.parts]

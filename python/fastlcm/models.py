@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -337,17 +338,36 @@ def set_memory_format(modules, channels_last: bool) -> None:
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
+def _torch_default_cache_dir() -> str:
+    """Inductor's own default cache folder (``$TMPDIR/torchinductor_<user>``)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # older torch: the same rule
+        import getpass
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), "torchinductor_" + getpass.getuser())
+    return default_cache_dir()
+
+
 def compile_cache_dir() -> str:
     """Where torch.compile keeps its compiled graphs and kernels between runs: ``$TORCHINDUCTOR_CACHE_DIR`` when
-    set, else ``$XDG_CACHE_HOME/fastlcm/torchinductor`` (``~/.cache/…``), set for this process. Inductor's own
-    default is under /tmp, which job schedulers and containers often wipe; a resumed or repeated run then pays the
-    minutes of compilation again."""
-    import os
-
-    if not os.environ.get(COMPILE_CACHE_ENV):
+    the user set it, else ``$XDG_CACHE_HOME/fastlcm/torchinductor`` (``~/.cache/…``), set for this process.
+    Inductor's own default is under /tmp, which job schedulers and containers often wipe; a resumed or repeated run
+    then pays the minutes of compilation again. Importing torch._dynamo (diffusers, accelerate and peft all do)
+    writes that /tmp default into ``$TORCHINDUCTOR_CACHE_DIR``, so a value equal to it counts as unset."""
+    current = os.environ.get(COMPILE_CACHE_ENV)
+    if not current or os.path.abspath(current) == os.path.abspath(_torch_default_cache_dir()):
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         os.environ[COMPILE_CACHE_ENV] = os.path.join(base, "fastlcm", "torchinductor")
     return os.environ[COMPILE_CACHE_ENV]
+
+
+def compile_cache_state() -> str:
+    """What the next torch.compile starts from: ``"cold"`` (nothing in :func:`compile_cache_dir`) or ``"warm (N
+    files)"``."""
+    n = sum(len(files) for _, _, files in os.walk(compile_cache_dir()))
+    return f"warm ({n} file{'s' if n != 1 else ''})" if n else "cold"
 
 
 def compiled(module, mode: str):

@@ -23,7 +23,7 @@ import json
 import sys
 import time
 
-from fastlcm.bench.loader import append_csv, git_commit
+from fastlcm.bench.loader import append_csv, csv_header_error, git_commit
 
 OPS = ("loss", "boundary", "boundary_fwd", "solver")
 IDEAL_BYTES = {
@@ -34,6 +34,7 @@ IDEAL_BYTES = {
     "solver": 4,  # read the 2B teacher output and z; write z_s
 }
 DEFAULT_SIZES = "sd15:12,sd15:48,sdxl:12,sdxl:48"
+RECORD = "benches/results/kernels.csv"
 CSV_FIELDS = (
     "date_utc", "commit", "gpu", "torch", "triton", "op", "shape", "dtype", "impl", "ms", "gbps", "pct_copy_bw",
     "speedup_vs_eager", "copy_gbps", "check", "timing",
@@ -304,6 +305,11 @@ def run(args) -> int:
             return 2
         from fastlcm.bench import kernel_wrapper
 
+        error = None if args.no_record else csv_header_error(args.record or kernel_wrapper.RECORD,
+                                                              kernel_wrapper.CSV_FIELDS)  # fmt: skip
+        if error:
+            print(f"fastlcm bench kernels: --record {error}", file=sys.stderr)
+            return 2
         return kernel_wrapper.run(args, sizes, ops)
     import torch
 
@@ -322,6 +328,10 @@ def run(args) -> int:
         sizes, ops = _sizes_and_ops(args, smoke)
     except ValueError as exc:
         print(f"fastlcm bench kernels: {exc}", file=sys.stderr)
+        return 2
+    error = None if args.no_record or smoke else csv_header_error(args.record or RECORD, CSV_FIELDS)
+    if error:
+        print(f"fastlcm bench kernels: --record {error}", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
     compile_ = not args.no_compile and not smoke
@@ -382,7 +392,7 @@ def run(args) -> int:
         print("(CPU smoke test: timings are meaningless and nothing is recorded)", file=sys.stderr)
     elif not args.no_record:
         formatted = [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
-        record = args.record or "benches/results/kernels.csv"
+        record = args.record or RECORD
         append_csv(record, formatted, CSV_FIELDS)
         print(f"appended {len(rows)} rows to {record}", file=sys.stderr)
     if failed:

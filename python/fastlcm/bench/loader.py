@@ -224,8 +224,27 @@ def make_synthetic(args) -> tuple[str, Path]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def csv_header_error(path: str | None, columns) -> str | None:
+    """Why rows with ``columns`` cannot be appended to the CSV at ``path`` (its header names other columns), else
+    None. Benchmarks check this before measuring, so that a long run is not lost at the end."""
+    p = Path(path) if path else None
+    if p is None or not p.is_file() or p.stat().st_size == 0:
+        return None
+    with p.open(newline="") as f:
+        header = next(csv.reader(f), [])
+    if header == list(columns):
+        return None
+    missing, extra = [c for c in columns if c not in header], [c for c in header if c not in columns]
+    return (f"{path}: its header does not match this version's columns (missing {missing or 'none'}, unknown "
+            f"{extra or 'none'}{', different order' if not (missing or extra) else ''}); append to a new file")
+
+
 def append_csv(path: str, rows: list[dict], columns: list[str]) -> None:
-    """Append ``rows`` to the CSV at ``path`` (header written when the file is new); None/missing stay empty."""
+    """Append ``rows`` to the CSV at ``path`` (header written when the file is new); None/missing stay empty. A file
+    whose header names other columns is left untouched: ValueError (see :func:`csv_header_error`)."""
+    error = csv_header_error(path, columns)
+    if error:
+        raise ValueError(error)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     new = not p.exists() or p.stat().st_size == 0
@@ -248,6 +267,10 @@ def run(args) -> int:
             return 2
     if args.seconds <= 0 or (args.threads is not None and args.threads < 1):
         print("fastlcm bench loader: error: --seconds must be > 0 and --threads >= 1", file=sys.stderr)
+        return 2
+    error = csv_header_error(args.out_csv, CSV_COLUMNS)
+    if error:
+        print(f"fastlcm bench loader: error: --out-csv {error}", file=sys.stderr)
         return 2
     threads = args.threads or len(os.sched_getaffinity(0))
     tmp = None

@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fastlcm.bench.loader import csv_header_error
 from fastlcm.bench.step_models import build_random_teacher, fixed_batch, fixed_latent_batch, make_shards
 
 # Levers the trainer always uses; the bench can switch each off to measure what it is worth (not TrainConfig
@@ -57,8 +58,8 @@ PARTS_NOTE = ("parts: seconds per step from a separate instrumented pass that sy
 CSV_COLUMNS = ("date", "commit", "gpu", "cpu", "family", "batch_size", "resolution", "levers", "mixed_precision",
                "gradient_checkpointing", "compile", "optimizer_impl", "loader_dtype", "device_prefetch",
                "channels_last", "compile_unets", "compile_mode", "input", "steps", "samples_per_s", "step_s",
-               "peak_mem_gib", "instrumented_step_s", *(f"part_{p}" for p in PARTS), "warmup_s", "setup_s", "torch",
-               "diffusers", "command")  # fmt: skip
+               "peak_mem_gib", "instrumented_step_s", *(f"part_{p}" for p in PARTS), "warmup_s", "compile_cache", "setup_s",
+               "torch", "diffusers", "command")  # fmt: skip
 DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
 INPUTS = {"loader": "rust loader", "synthetic": "synthetic (fixed pinned batch)",
           "latents": "cached latents (fixed pinned batch)"}  # fmt: skip
@@ -286,6 +287,11 @@ def measure(st, batches, args) -> dict:
     device = st.accelerator.device
     cuda = device.type == "cuda"
     losses = []
+    cache = None  # what the warm-up's torch.compile starts from: "cold" (nothing cached) or "warm (N files)"
+    if st.cfg.compile_unets != "none":
+        from fastlcm.models import compile_cache_state
+
+        cache = compile_cache_state()
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -324,6 +330,7 @@ def measure(st, batches, args) -> dict:
     # student_forward_backward also holds the student's forward, timed inside lcd_step by the wrapper
     parts["other"] = max(0.0, t_total / n - sum(v for k, v in parts.items() if k != "other"))
     return {"step_s": step_s, "samples_per_s": args.batch_size / step_s, "peak_mem_gib": peak, "warmup_s": warmup_s,
+            "compile_cache": cache,
             "instrumented_step_s": t_total / n if args.parts_steps else None,
             "parts": {k: round(v, 6) for k, v in parts.items()} if args.parts_steps else {},
             "nonfinite_losses": sum(not math.isfinite(v) for v in losses)}  # fmt: skip
@@ -399,6 +406,9 @@ def check_args(args) -> str | None:
             return f"{flag} must be >= {low}, got {value}"
     if args.resolution % 8:
         return f"--resolution must be a multiple of 8, got {args.resolution}"
+    csv_error = csv_header_error(args.out_csv, CSV_COLUMNS)
+    if csv_error:
+        return f"--out-csv {csv_error}"
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cpu" and args.mixed_precision == "fp16":
         return "--mixed-precision fp16 needs a CUDA device"
@@ -430,7 +440,7 @@ def result_record(args, st, levers: dict, result: dict, setup_s: float, stats, i
 
 def csv_row(out: dict) -> dict:
     row = {**out["config"], **{k: out[k] for k in ("samples_per_s", "step_s", "peak_mem_gib", "instrumented_step_s",
-                                                   "warmup_s", "setup_s", "command")},
+                                                   "warmup_s", "compile_cache", "setup_s", "command")},
            **{f"part_{k}": v for k, v in out["parts"].items()}, "gpu": out["gpu"]}  # fmt: skip
     return {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
 
@@ -507,7 +517,9 @@ def print_report(out: dict, ref_key: str | None) -> None:
     print(f"device: {out['gpu']}; commit {c['commit']}; {c['date']}; torch {c['torch']}, diffusers {c['diffusers']}")
     print(f"teacher {c['family']} (random weights), batch {c['batch_size']}, {c['resolution']} px; "
           f"{levers_text(c)}; input: {c['input']}; dtypes {c['dtypes']}")  # fmt: skip
-    print(f"setup {out['setup_s']:.1f} s, {c['warmup']} warm-up steps {out['warmup_s']:.1f} s, {c['steps']} timed steps")
+    cache = f" (compile cache {out['compile_cache']} at the start)" if out["compile_cache"] else ""
+    print(f"setup {out['setup_s']:.1f} s, {c['warmup']} warm-up steps {out['warmup_s']:.1f} s{cache}, "
+          f"{c['steps']} timed steps")  # fmt: skip
     peak = "n/a" if out["peak_mem_gib"] is None else f"{out['peak_mem_gib']:.1f} GiB"
     print(f"{'':<34}{'step s':>9}{'samples/s':>11}{'peak':>11}")
     print(f"{'fastlcm (this run)':<34}{out['step_s']:>9.3f}{out['samples_per_s']:>11.1f}{peak:>11}")
