@@ -20,14 +20,16 @@
 #   #    Then give_back unless you rerun at once.
 # Outside the device tool $OUT is unset: the files go to ./gpu_check_out instead.
 # Stages run in the order GPU_CHECK_STAGES names them. The default is what issues 5 and 8 still lack after the runs
-# of benches/results/gpu/README.md, about 7 min on an H200: "tests kernels_wrapper kernels kernels_graph step_matrix"
-# with the kernel tests (the loss backward changed) and the matrix sets of DEFAULT_MATRIX below: the ablations of
-# the levers the trainer always uses, gradient checkpointing alone, +latents twice (run-to-run noise) and
-# +compile-ro (CUDA graphs, about 200 s of compile, last so that a cut leaves the other rows). Other stages:
+# of benches/results/gpu/README.md, about 8 min on an H200: "tests kernels_wrapper kernels kernels_graph step_matrix
+# compile_cache" with the kernel tests (the loss backward changed) and the matrix sets of DEFAULT_MATRIX below: the
+# ablations of the levers the trainer always uses, gradient checkpointing alone, +latents twice (run-to-run noise)
+# and +compile-ro (CUDA graphs, about 200 s of compile, last so that a cut leaves the other rows); then
+# compile_cache measures +compile-ro again in a new process, whose torch.compile starts from the cache the matrix
+# left (~/.cache/fastlcm/torchinductor): its warm-up is what a second `fastlcm train` pays. Other stages:
 # loader, kernels_compile, step_bf16, step_fp16, step_sdxl (SDXL, 1024 px, batch 4, cached latents, gradient
-# checkpointing). Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP. Test files: GPU_CHECK_TESTS (the trainer's GPU
-# tests, incl. the lever checks with compile-ro: tests/test_train_gpu.py tests/test_precompute.py). Matrix sets:
-# GPU_CHECK_MATRIX (comma list or "all"; images+compile adds another ~200 s of compile).
+# checkpointing). Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP, GPU_CHECK_CACHE_CAP. Test files: GPU_CHECK_TESTS
+# (the trainer's GPU tests, incl. the lever checks with compile-ro: tests/test_train_gpu.py tests/test_precompute.py).
+# Matrix sets: GPU_CHECK_MATRIX (comma list or "all"; images+compile adds another ~200 s of compile).
 # GPU_CHECK_SMOKE=1 runs the same stages on a CPU at toy sizes (tiny teacher, 24 images; tests only collected), to
 # check the script itself before spending device time: GPU_CHECK_SMOKE=1 bash benches/gpu_check.sh  (~30 s)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -64,7 +66,7 @@ import torch
 print("cuda available:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
 
-STAGES=${GPU_CHECK_STAGES:-tests kernels_wrapper kernels kernels_graph step_matrix}
+STAGES=${GPU_CHECK_STAGES:-tests kernels_wrapper kernels kernels_graph step_matrix compile_cache}
 DEFAULT_MATRIX=+latents,latents:torch-kernels,latents:split-cfg,latents:classic-attention,reference-bf16
 DEFAULT_MATRIX=$DEFAULT_MATRIX,reference-bf16-ckpt,+latents,+compile-ro
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
@@ -75,6 +77,7 @@ if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     SDXL_ARGS="$STEP_ARGS --input latents"
     MATRIX_ARGS="--family tiny --batch-size 2 --steps 2 --warmup 1 --parts-steps 0 --device cpu"
     MATRIX_SETS=${GPU_CHECK_MATRIX:-reference-bf16,latents:split-cfg}
+    CACHE_SET=reference-bf16  # (a CPU compile of the tiny UNets takes minutes: the smoke run only checks the plumbing)
     FP16="no"
     LOADER_ARGS="--synthetic 24 --threads 2 --seconds 1 --decode-images 4 --min-size 128 --max-size 192 --resolution 128"
 else
@@ -86,6 +89,7 @@ else
         --gradient-checkpointing"
     MATRIX_ARGS="--family sd15 --batch-size 12 --resolution 512 --steps 15 --warmup 4 --parts-steps 3"
     MATRIX_SETS=${GPU_CHECK_MATRIX:-$DEFAULT_MATRIX}
+    CACHE_SET=+compile-ro
     FP16="fp16 --gradient-checkpointing"
     LOADER_ARGS="--synthetic 256 --threads 16 --seconds 8 --decode-images 96"
 fi
@@ -132,6 +136,8 @@ run_stage() {
     step_sdxl) stage step_sdxl 150 $PY -m fastlcm bench step $SDXL_ARGS --json --out-csv "$OUT/step.csv" ;;
     step_matrix) stage step_matrix "${GPU_CHECK_MATRIX_CAP:-400}" $PY -m fastlcm bench step $MATRIX_ARGS \
         --matrix "$MATRIX_SETS" --out-csv "$OUT/step.csv" ;;
+    compile_cache) stage compile_cache "${GPU_CHECK_CACHE_CAP:-150}" $PY -m fastlcm bench step $MATRIX_ARGS --steps 5 \
+        --parts-steps 0 --matrix "$CACHE_SET" --out-csv "$OUT/step.csv" ;;
     *) echo "== unknown stage $1 (GPU_CHECK_STAGES)"; ORDER+=("$1"); RC[$1]="unknown"; SECS[$1]=0 ;;
     esac
 }
@@ -184,7 +190,7 @@ for name in ("step_bf16", "step_fp16", "step_sdxl"):
         r = s["reference"]["runs"][ref]
         print(f"{'  reference H200 ' + ref:<34}{r['samples_per_s']:>10.1f}{r['step_s']:>9.3f}{r['peak_mem_gib']:>10.1f}"
               f"  speed-up {r['step_s'] / s['step_s']:.2f}x (a like-for-like ratio only on an H200)")
-for name, tail in (("kernels_wrapper", 7), ("step_matrix", 14)):
+for name, tail in (("kernels_wrapper", 7), ("step_matrix", 14), ("compile_cache", 4)):
     try:
         m = open(os.path.join(w, name + ".out")).read().strip().splitlines()
         print(name + ":", *m[-tail:], sep="\n  ")
