@@ -28,7 +28,8 @@
 # left (~/.cache/fastlcm/torchinductor): its warm-up is what a second `fastlcm train` pays. Other stages:
 # loader, kernels_compile, step_bf16, step_fp16, step_sdxl (SDXL, 1024 px, batch 4, cached latents, gradient
 # checkpointing). Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP, GPU_CHECK_CACHE_CAP. Test files: GPU_CHECK_TESTS
-# (the trainer's GPU tests, incl. the lever checks with compile-ro: tests/test_train_gpu.py tests/test_precompute.py).
+# (the trainer's GPU tests, incl. the lever checks with compile-ro: tests/test_train_gpu.py tests/test_precompute.py
+# tests/test_lora.py).
 # Matrix sets: GPU_CHECK_MATRIX (comma list or "all"; images+compile adds another ~200 s of compile).
 # GPU_CHECK_SMOKE=1 runs the same stages on a CPU at toy sizes (tiny teacher, 24 images; tests only collected), to
 # check the script itself before spending device time: GPU_CHECK_SMOKE=1 bash benches/gpu_check.sh  (~30 s)

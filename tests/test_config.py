@@ -102,7 +102,6 @@ def test_preset_by_name_with_overrides(basics):
     (["--lr_scheduler", "cosine"], "--lr_scheduler cosine needs the run length"),
     (["--report_to", "wandb", "--hub_token", "x"], "--hub_token cannot be used"),
     (["--unet_time_cond_proj_dim", "7"], "--unet_time_cond_proj_dim must be even"),
-    (["--lora", "--compile_unets", "all"], "--compile_unets is not supported with LoRA"),
     (["--precomputed_latents", "--loader_dtype", "uint8"], "--loader_dtype uint8 is for image shards"),
 ])
 def test_bad_values_name_the_flag(basics, extra, needle):
@@ -161,6 +160,8 @@ def test_speed_lever_flags(basics):
     assert (cfg.optimizer_impl, cfg.channels_last, cfg.compile_unets, cfg.compile_mode, cfg.device_prefetch,
             cfg.precomputed_latents, cfg.pixel_dtype(cuda=True)) == ("foreach", True, "student", "reduce-overhead",
                                                                       False, True, "float32")
+    cfg = load_config(basics + ["--lora", "--compile_unets", "all"])  # one compiled UNet, adapters on and off
+    assert (cfg.use_lora, cfg.compile_unets) == (True, "all")
     for flag, bad in (("--optimizer_impl", "apex"), ("--compile_unets", "teacher"), ("--loader_dtype", "fp8")):
         with pytest.raises(SystemExit):  # argparse choices
             load_config(basics + [flag, bad])

@@ -312,9 +312,6 @@ class TrainConfig:
         if self.use_8bit_adam and self.optimizer_impl != "auto":
             raise ConfigError(f"--optimizer_impl {self.optimizer_impl} cannot be used with --use_8bit_adam "
                               "(bitsandbytes has its own kernel); leave it at auto")
-        if self.compile_unets != "none" and self.use_lora:
-            raise ConfigError("--compile_unets is not supported with LoRA distillation yet (the teacher is the "
-                              "student with its adapters switched off); use --compile_unets none")
         if self.precomputed_latents and self.loader_dtype not in ("auto", "float32"):
             raise ConfigError(f"--loader_dtype {self.loader_dtype} is for image shards; latent shards "
                               "(--precomputed_latents) are always read as float32")

@@ -228,12 +228,14 @@ def setup(cfg: TrainConfig, accelerator, teacher, *, num_training_steps: int | N
     if cfg.precomputed_latents:  # embeddings come with the batch; "" and c∅ are computed once, here
         text = models.PrecomputedConditioner(text)
         offloaded = _park_frozen(teacher, "cpu")
-    run_student, run_teacher = student, models.AdaptersDisabled(unwrap) if lora else teacher.unet
-    run_target = unwrap if lora else target
-    if cfg.compile_unets != "none":
-        run_student = models.compiled(student, cfg.compile_mode)
-        if cfg.compile_unets == "all":
-            run_teacher, run_target = models.compiled(run_teacher, cfg.compile_mode), models.compiled(run_target, cfg.compile_mode)
+    run_student = student if cfg.compile_unets == "none" else models.compiled(student, cfg.compile_mode)
+    frozen = (lambda m: models.compiled(m, cfg.compile_mode)) if cfg.compile_unets == "all" else (lambda m: m)
+    if lora:  # teacher and target are the student's own UNet, the teacher with its adapters switched off around
+        # the call: compiled, that one module gets a graph per adapter state (dynamo's guards check the flag)
+        run_target = frozen(unwrap)
+        run_teacher = models.AdaptersDisabled(run_target)
+    else:
+        run_teacher, run_target = frozen(teacher.unet), frozen(target)
     lcd_models = LCDModels(
         vae=teacher.vae, text=text, student=run_student, teacher=run_teacher, target=run_target,
         prediction_type=teacher.prediction_type, scaling_factor=teacher.vae.config.scaling_factor,
