@@ -58,8 +58,8 @@ PARTS_NOTE = ("parts: seconds per step from a separate instrumented pass that sy
 CSV_COLUMNS = ("date", "commit", "gpu", "cpu", "family", "batch_size", "resolution", "levers", "mixed_precision",
                "gradient_checkpointing", "compile", "optimizer_impl", "loader_dtype", "device_prefetch",
                "channels_last", "compile_unets", "compile_mode", "input", "steps", "samples_per_s", "step_s",
-               "peak_mem_gib", "instrumented_step_s", *(f"part_{p}" for p in PARTS), "warmup_s", "compile_cache", "setup_s",
-               "torch", "diffusers", "command")  # fmt: skip
+               "peak_mem_gib", "instrumented_step_s", *(f"part_{p}" for p in PARTS), "warmup_s", "compile_cache",
+               "setup_s", "torch", "diffusers", "command")  # fmt: skip
 DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
 INPUTS = {"loader": "rust loader", "synthetic": "synthetic (fixed pinned batch)",
           "latents": "cached latents (fixed pinned batch)"}  # fmt: skip

@@ -212,9 +212,9 @@ def print_row(r: dict) -> None:
         return
     peak = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
     gain = "" if r.get("vs_base") is None else f"{r['vs_base']:.2f}x"
+    cache = f"; compile cache {r['compile_cache']} at the start" if r.get("compile_cache") else ""
     print(f"{name:<27}{r['samples_per_s']:>10.1f}{r['step_s']:>9.3f}{peak:>9}{r['warmup_s']:>10.1f}{gain:>8}  "
-          f"{r['base'] or '':<16}{levers_text(r['config'])}; {r['config']['input']}"
-          + (f"; compile cache {r['compile_cache']} at the start" if r.get("compile_cache") else ""), flush=True)  # fmt: skip
+          f"{r['base'] or '':<16}{levers_text(r['config'])}; {r['config']['input']}{cache}", flush=True)  # fmt: skip
 
 
 def print_footer() -> None:
