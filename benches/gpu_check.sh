@@ -27,7 +27,8 @@
 # compile_cache measures +compile-ro again in a new process, whose torch.compile starts from the cache the matrix
 # left (~/.cache/fastlcm/torchinductor): its warm-up is what a second `fastlcm train` pays. Other stages:
 # loader, kernels_compile, step_bf16, step_fp16, step_sdxl (SDXL, 1024 px, batch 4, cached latents, gradient
-# checkpointing). Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP, GPU_CHECK_CACHE_CAP. Test files: GPU_CHECK_TESTS
+# checkpointing), step_lora (SD1.5 LCM-LoRA rank 64, cached latents, bf16; GPU_CHECK_LORA_EXTRA=--compile adds
+# torch.compile). Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP, GPU_CHECK_CACHE_CAP. Test files: GPU_CHECK_TESTS
 # (the trainer's GPU tests, incl. the lever checks with compile-ro: tests/test_train_gpu.py tests/test_precompute.py
 # tests/test_lora.py).
 # Matrix sets: GPU_CHECK_MATRIX (comma list or "all"; images+compile adds another ~200 s of compile).
@@ -135,6 +136,8 @@ run_stage() {
     step_fp16) stage step_fp16 100 $PY -m fastlcm bench step $STEP_ARGS --mixed-precision $FP16 --json \
         --out-csv "$OUT/step.csv" ;;
     step_sdxl) stage step_sdxl 150 $PY -m fastlcm bench step $SDXL_ARGS --json --out-csv "$OUT/step.csv" ;;
+    step_lora) stage step_lora "${GPU_CHECK_LORA_CAP:-150}" $PY -m fastlcm bench step $STEP_ARGS --input latents \
+        --lora-rank 64 --mixed-precision bf16 ${GPU_CHECK_LORA_EXTRA:-} --json --out-csv "$OUT/step.csv" ;;
     step_matrix) stage step_matrix "${GPU_CHECK_MATRIX_CAP:-400}" $PY -m fastlcm bench step $MATRIX_ARGS \
         --matrix "$MATRIX_SETS" --out-csv "$OUT/step.csv" ;;
     compile_cache) stage compile_cache "${GPU_CHECK_CACHE_CAP:-150}" $PY -m fastlcm bench step $MATRIX_ARGS --steps 5 \
@@ -174,7 +177,7 @@ for kname in ("kernels", "kernels_graph", "kernels_compile"):
         print(f"  {r['op']:<13}{r['shape']:<16}{r['impl']:<8}{r['ms']:>8.3f} ms{r['gbps']:>7.0f} GB/s{r['pct_copy_bw']:>5.0f}%"
               f"  x{r['speedup_vs_eager'] or 0:.2f} vs eager  {r['check']}")
 print(f"{'step':<34}{'samples/s':>10}{'step s':>9}{'peak GiB':>10}  parts (s, instrumented: vae/text/teacher/target/student/opt/loader)")
-for name in ("step_bf16", "step_fp16", "step_sdxl"):
+for name in ("step_bf16", "step_fp16", "step_sdxl", "step_lora"):
     s = load(name)
     if not os.path.exists(os.path.join(w, name + ".out")):
         continue
@@ -183,6 +186,7 @@ for name in ("step_bf16", "step_fp16", "step_sdxl"):
         continue
     c, p = s["config"], s["parts"]
     label = f"{c['family']} b{c['batch_size']} {c['resolution']} {c['mixed_precision']}" + ("+ckpt" if c["gradient_checkpointing"] else "")
+    label += f" lora{c['lora_rank']}" if c.get("lora_rank") else ""
     parts = "/".join(f"{p.get(x, 0):.3f}" for x in ("vae_encode", "text_encode", "teacher_forward", "target_forward",
                                                     "student_forward_backward", "optimizer", "loader_wait"))
     print(f"{label:<34}{s['samples_per_s']:>10.1f}{s['step_s']:>9.3f}{s['peak_mem_gib'] or 0:>10.1f}  {parts}")

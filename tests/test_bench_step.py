@@ -121,6 +121,29 @@ def test_bench_step_cached_latents_input_skips_vae_and_text(capsys, one_torch_th
     assert out["parts"]["vae_encode"] == 0 and out["parts"]["text_encode"] < out["parts"]["student_forward_backward"]
 
 
+def test_bench_step_lora_trains_only_the_adapters(capsys, tmp_path, one_torch_thread):
+    csv_path = tmp_path / "lora.csv"
+    full = _bench(capsys, "--family", "tiny", "--input", "latents")
+    lora = _bench(capsys, "--family", "tiny", "--input", "latents", "--lora-rank", "4", "--out-csv", str(csv_path))
+    for out in (full, lora):
+        _check(out)
+    assert full["config"]["lora_rank"] is None and lora["config"]["lora_rank"] == 4
+    # rank-4 adapters are a small fraction of the tiny UNet (which the full student trains whole, plus its
+    # guidance projection)
+    assert 0 < lora["config"]["trainable_params"] < full["config"]["trainable_params"] / 4
+    assert lora["reference"]["matching"] is None
+    row = next(csv.DictReader(csv_path.open()))
+    assert (row["lora_rank"], row["trainable_params"]) == ("4", str(lora["config"]["trainable_params"]))
+    capsys.readouterr()
+    assert main(["bench", "step", "--family", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                 "--parts-steps", "0", "--batch-size", "2", "--input", "latents", "--lora-rank", "4"]) == 0
+    assert "LoRA rank 4, bf16" in capsys.readouterr().out  # the report names it
+    assert main(["bench", "step", "--family", "tiny", "--device", "cpu", "--lora-rank", "4", "--matrix", "+latents"]) == 2
+    assert "--lora-rank is for single runs" in capsys.readouterr().err
+    assert main(["bench", "step", "--family", "tiny", "--device", "cpu", "--lora-rank", "-1"]) == 2
+    assert "--lora-rank must be >= 0, got -1" in capsys.readouterr().err
+
+
 def test_bench_step_matrix_runs_each_lever_set_once(capsys, tmp_path, one_torch_thread):
     csv_path = tmp_path / "matrix.csv"
     argv = ["bench", "step", "--family", "tiny", "--batch-size", "2", "--steps", "2", "--warmup", "1",

@@ -55,9 +55,10 @@ PARTS = ("loader_wait", "vae_encode", "text_encode", "teacher_forward", "target_
 PARTS_NOTE = ("parts: seconds per step from a separate instrumented pass that synchronizes the device around each "
               "part (no CPU/GPU overlap), so they sum to instrumented_step_s, not to step_s; loader_wait includes "
               "the host-to-device copy; other = LCD elementwise math, random draws and the trainer's loss sync")  # fmt: skip
-CSV_COLUMNS = ("date", "commit", "gpu", "cpu", "family", "batch_size", "resolution", "levers", "mixed_precision",
-               "gradient_checkpointing", "compile", "optimizer_impl", "loader_dtype", "device_prefetch",
-               "channels_last", "compile_unets", "compile_mode", "input", "steps", "samples_per_s", "step_s",
+CSV_COLUMNS = ("date", "commit", "gpu", "cpu", "family", "batch_size", "resolution", "levers", "lora_rank",
+               "trainable_params", "mixed_precision", "gradient_checkpointing", "compile", "optimizer_impl",
+               "loader_dtype", "device_prefetch", "channels_last", "compile_unets", "compile_mode", "input", "steps",
+               "samples_per_s", "step_s",
                "peak_mem_gib", "instrumented_step_s", *(f"part_{p}" for p in PARTS), "warmup_s", "compile_cache",
                "setup_s", "torch", "diffusers", "command")  # fmt: skip
 DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
@@ -82,6 +83,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--synthetic-input", action="store_true", help="same as --input synthetic")
     parser.add_argument("--mixed-precision", default="bf16", choices=("bf16", "fp16", "no"))
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the student's activations")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="LCM-LoRA distillation with adapters of this rank (train's --lora_rank; 0 = full UNet "
+                             "distillation, the default); single runs only")  # fmt: skip
     parser.add_argument("--optimizer-impl", default="auto", choices=("auto", "fused", "foreach"),
                         help="AdamW implementation (train's --optimizer_impl; auto = fused on CUDA)")  # fmt: skip
     parser.add_argument("--channels-last", action="store_true", help="UNets in channels_last memory format")
@@ -119,7 +123,8 @@ def levers_from_args(args) -> dict:
             "device_prefetch": args.device_prefetch, "channels_last": args.channels_last,
             "compile_unets": "all" if args.compile else args.compile_unets, "compile_mode": args.compile_mode,
             "input": "synthetic" if args.synthetic_input else args.input, "kernels": args.kernels,
-            "teacher_cfg": args.teacher_cfg, "attention": args.attention}  # fmt: skip
+            "teacher_cfg": args.teacher_cfg, "attention": args.attention,
+            "lora_rank": args.lora_rank or None}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -353,6 +358,8 @@ def _reference_key(args, levers: dict) -> str | None:
     """The DESIGN.md reference run with the same settings as this lever set, if any."""
     if args.family != "sd15" or args.teacher or args.batch_size != 12 or args.resolution != 512:
         return None
+    if levers.get("lora_rank"):  # DESIGN.md's reference runs are full distillation
+        return None
     if levers["mixed_precision"] == "fp16" and levers["gradient_checkpointing"]:
         return "fp16+checkpointing"
     if levers["mixed_precision"] == "bf16" and not levers["gradient_checkpointing"]:
@@ -409,6 +416,10 @@ def check_args(args) -> str | None:
     csv_error = csv_header_error(args.out_csv, CSV_COLUMNS)
     if csv_error:
         return f"--out-csv {csv_error}"
+    if args.lora_rank < 0:
+        return f"--lora-rank must be >= 0, got {args.lora_rank}"
+    if args.lora_rank and args.matrix:  # add_lora adapts the shared teacher's UNet in place
+        return "--lora-rank is for single runs; --matrix sets are full distillation"
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cpu" and args.mixed_precision == "fp16":
         return "--mixed-precision fp16 needs a CUDA device"
@@ -424,7 +435,9 @@ def result_record(args, st, levers: dict, result: dict, setup_s: float, stats, i
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {info['cpu']}"
     family = f"teacher:{args.teacher}" if args.teacher else args.family
     config = {"family": family, "batch_size": args.batch_size, "resolution": args.resolution, "levers": name,
-              **{k: v for k, v in levers.items() if k != "input"}, "compile": levers["compile_unets"] != "none",
+              "lora_rank": None, **{k: v for k, v in levers.items() if k != "input"},
+              "trainable_params": sum(p.numel() for p in st.unwrap.parameters() if p.requires_grad),
+              "compile": levers["compile_unets"] != "none",
               "loader_dtype": st.cfg.pixel_dtype(device.type == "cuda"), "input": INPUTS[levers["input"]],
               "steps": args.steps, "warmup": args.warmup, "parts_steps": args.parts_steps,
               "dtypes": {k: str(v).replace("torch.", "") for k, v in st.dtypes.items()},
@@ -498,9 +511,11 @@ def _run_single(args) -> int:
 
 def levers_text(c: dict) -> str:
     """The levers of a run's config, short: "bf16, fused AdamW, uint8+prefetch, channels_last, compile all"."""
-    bits = [c["mixed_precision"] + (" + grad ckpt" if c["gradient_checkpointing"] else ""), f"{c['optimizer_impl']} AdamW",
-            ("latents" if c["input"].startswith("cached") else c["loader_dtype"])
-            + (" + side-stream H2D" if c["device_prefetch"] else "")]
+    bits = [f"LoRA rank {c['lora_rank']}"] if c.get("lora_rank") else []
+    bits += [c["mixed_precision"] + (" + grad ckpt" if c["gradient_checkpointing"] else ""),
+             f"{c['optimizer_impl']} AdamW",
+             ("latents" if c["input"].startswith("cached") else c["loader_dtype"])
+             + (" + side-stream H2D" if c["device_prefetch"] else "")]
     if c["channels_last"]:
         bits.append("channels_last")
     if c["compile_unets"] != "none":
