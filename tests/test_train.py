@@ -396,6 +396,10 @@ def test_compile_cache_persists_outside_tmp_unless_the_user_chose(monkeypatch, t
     for name in ("one", "two"):
         (tmp_path / "xdg" / "fastlcm" / "torchinductor" / "fxgraph" / "ab" / name).write_text("x")
     assert models.compile_cache_state() == "warm (2 files)"
+    notice = models.compile_notice(SimpleNamespace(compile_unets="all", compile_mode="reduce-overhead"))
+    assert notice == ("torch.compile (reduce-overhead) of the student, teacher and target: the first steps compile "
+                      f"(minutes when the cache is cold); compile cache {tmp_path}/xdg/fastlcm/torchinductor: "
+                      "warm (2 files)")  # fmt: skip
 
 
 _COMPILE_TWICE = """

@@ -370,6 +370,14 @@ def compile_cache_state() -> str:
     return f"warm ({n} file{'s' if n != 1 else ''})" if n else "cold"
 
 
+def compile_notice(cfg: TrainConfig) -> str:
+    """One line for the log when --compile_unets is on: what compiles, that the first steps pay for it, and the
+    cache it starts from."""
+    which = "the student" if cfg.compile_unets == "student" else "the student, teacher and target"
+    return (f"torch.compile ({cfg.compile_mode}) of {which}: the first steps compile (minutes when the cache is "
+            f"cold); compile cache {compile_cache_dir()}: {compile_cache_state()}")
+
+
 def compiled(module, mode: str):
     """A torch.compile wrapper of ``module`` for the LCD step's forwards; ``module`` itself stays uncompiled (its
     state_dict, checkpoints, validation and export are unchanged). Compiled artifacts persist in

@@ -437,6 +437,8 @@ def train(cfg: TrainConfig, loader_factory=None) -> dict:
 
     if main:
         accelerator.init_trackers(cfg.tracker_project_name, config=_tracker_config(cfg))
+        if cfg.compile_unets != "none":
+            print(f"fastlcm train: {models.compile_notice(cfg)}", file=sys.stderr)
     metrics = open(out / "metrics.jsonl", "a") if main else None
     keys_log = open(out / f"keys-rank{rank}.jsonl", "a") if cfg.debug_log_keys else None
     bar = tqdm(total=max_steps, initial=step, disable=not main, desc="distill", unit="step", dynamic_ncols=True)
