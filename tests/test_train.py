@@ -396,6 +396,12 @@ def test_compile_cache_persists_outside_tmp_unless_the_user_chose(monkeypatch, t
     for name in ("one", "two"):
         (tmp_path / "xdg" / "fastlcm" / "torchinductor" / "fxgraph" / "ab" / name).write_text("x")
     assert models.compile_cache_state() == "warm (2 files)"
+    # a home cache that cannot be created (here: XDG_CACHE_HOME is a file) leaves inductor's default
+    monkeypatch.delenv(models.COMPILE_CACHE_ENV)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))
+    assert models.compile_cache_dir() == models._torch_default_cache_dir()
+    monkeypatch.setenv(models.COMPILE_CACHE_ENV, str(tmp_path / "xdg" / "fastlcm" / "torchinductor"))
     notice = models.compile_notice(SimpleNamespace(compile_unets="all", compile_mode="reduce-overhead"))
     assert notice == ("torch.compile (reduce-overhead) of the student, teacher and target: the first steps compile "
                       f"(minutes when the cache is cold); compile cache {tmp_path}/xdg/fastlcm/torchinductor: "

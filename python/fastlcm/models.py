@@ -355,11 +355,18 @@ def compile_cache_dir() -> str:
     the user set it, else ``$XDG_CACHE_HOME/fastlcm/torchinductor`` (``~/.cache/…``), set for this process.
     Inductor's own default is under /tmp, which job schedulers and containers often wipe; a resumed or repeated run
     then pays the minutes of compilation again. Importing torch._dynamo (diffusers, accelerate and peft all do)
-    writes that /tmp default into ``$TORCHINDUCTOR_CACHE_DIR``, so a value equal to it counts as unset."""
+    writes that /tmp default into ``$TORCHINDUCTOR_CACHE_DIR``, so a value equal to it counts as unset. Where the
+    home cache cannot be created (a read-only home), inductor's default stays."""
     current = os.environ.get(COMPILE_CACHE_ENV)
-    if not current or os.path.abspath(current) == os.path.abspath(_torch_default_cache_dir()):
+    default = _torch_default_cache_dir()
+    if not current or os.path.abspath(current) == os.path.abspath(default):
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        os.environ[COMPILE_CACHE_ENV] = os.path.join(base, "fastlcm", "torchinductor")
+        ours = os.path.join(base, "fastlcm", "torchinductor")
+        try:
+            os.makedirs(ours, exist_ok=True)
+        except OSError:
+            ours = default
+        os.environ[COMPILE_CACHE_ENV] = ours
     return os.environ[COMPILE_CACHE_ENV]
 
 
