@@ -20,12 +20,13 @@
 #   #    Then give_back unless you rerun at once.
 # Outside the device tool $OUT is unset: the files go to ./gpu_check_out instead.
 # Stages run in the order GPU_CHECK_STAGES names them. The default is what issues 5 and 8 still lack after the runs
-# of benches/results/gpu/README.md, about 8 min on an H200: "tests kernels_wrapper kernels kernels_graph step_matrix
-# compile_cache" with the kernel tests (the loss backward changed) and the matrix sets of DEFAULT_MATRIX below: the
-# ablations of the levers the trainer always uses, gradient checkpointing alone, +latents twice (run-to-run noise)
-# and +compile-ro (CUDA graphs, about 200 s of compile, last so that a cut leaves the other rows); then
-# compile_cache measures +compile-ro again in a new process, whose torch.compile starts from the cache the matrix
-# left (~/.cache/fastlcm/torchinductor): its warm-up is what a second `fastlcm train` pays. Other stages:
+# of benches/results/gpu/README.md (about 7.5 min on an H200, within the budget): "tests kernels_wrapper kernels
+# kernels_graph step_matrix compile_cache" with the kernel tests (the loss backward changed) and the matrix sets of
+# DEFAULT_MATRIX below: the ablations of the levers the trainer always uses, gradient checkpointing alone, +latents
+# twice (run-to-run noise) and +compile-ro (CUDA graphs, about 200 s of compile, last so that a cut leaves the other
+# rows); then, with what is left of the budget, compile_cache measures +compile-ro again in a new process, whose
+# torch.compile starts from the cache the matrix left (~/.cache/fastlcm/torchinductor): its warm-up is what a second
+# `fastlcm train` pays (alone: GPU_CHECK_STAGES="step_matrix compile_cache" GPU_CHECK_MATRIX=+compile-ro). Others:
 # loader, kernels_compile, step_bf16, step_fp16, step_sdxl (SDXL, 1024 px, batch 4, cached latents, gradient
 # checkpointing), step_lora (SD1.5 LCM-LoRA rank 64, cached latents, bf16; GPU_CHECK_LORA_EXTRA=--compile adds
 # torch.compile). Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP, GPU_CHECK_CACHE_CAP. Test files: GPU_CHECK_TESTS
