@@ -274,7 +274,8 @@ def test_exported_lora_loads_in_stock_pipeline_and_changes_output(lora_run, tiny
 
 @pytest.mark.parametrize("mode", [pytest.param("default", marks=pytest.mark.slow),
                                   pytest.param("reduce-overhead", marks=pytest.mark.gpu)])  # fmt: skip
-def test_lora_with_compiled_unets_gives_the_eager_losses(tiny_sd_teacher, shards, tmp_path, monkeypatch, mode):
+def test_lora_with_compiled_unets_gives_the_eager_losses(tiny_sd_teacher, shards, tmp_path, monkeypatch, capsys,
+                                                         mode):
     """--compile_unets all with LoRA: one compiled UNet serves the student (adapters on, with grad), the target
     (adapters on, no grad) and the teacher (adapters switched off around the call, a graph of its own); the losses
     equal the eager run's. Minutes of CPU compile, hence slow; reduce-overhead (CUDA graphs) on a GPU."""
@@ -292,6 +293,8 @@ def test_lora_with_compiled_unets_gives_the_eager_losses(tiny_sd_teacher, shards
         train(_cfg(tiny_sd_teacher, shards, out, "--max_train_steps", "3", "--checkpointing_steps", "100",
                    "--compile_unets", compile_unets, "--compile_mode", mode), loader_factory=FakeLoader)  # fmt: skip
         runs[compile_unets] = _losses(out)
+        notice = f"fastlcm train: torch.compile ({mode}) of the student, teacher and target: the first steps compile"
+        assert (notice in capsys.readouterr().err) == (compile_unets == "all")  # said only when compiling
     # student (forward + backward), target (no grad) and teacher (adapters off) each got a graph: nothing fell back
     assert counters["stats"]["unique_graphs"] >= 3, dict(counters["stats"])
     assert sorted(runs["all"]) == [1, 2, 3] and len(set(runs["none"].values())) == 3
