@@ -21,11 +21,12 @@
 # Outside the device tool $OUT is unset: the files go to ./gpu_check_out instead.
 # Stages run in the order GPU_CHECK_STAGES names them. The default is what is still unmeasured after the runs of
 # benches/results/gpu/README.md (runs 4-6 measured the kernels with rotated inputs, the lever ablations, +compile-ro
-# and the warm compile cache): "step_lora step_sdxl tests" -- the LCM-LoRA step (SD1.5, rank 64, cached latents, bf16;
-# GPU_CHECK_LORA_EXTRA=--compile adds torch.compile), the SDXL step (1024 px, batch 4, cached latents, gradient
-# checkpointing), then the GPU tier of GPU_CHECK_TESTS (default tests/test_lora.py: LoRA with its one compiled UNet
-# under reduce-overhead against eager, whose cold compile outlasted the 90 s per-test limit in run 6 and now has a
-# limit of its own) with what is left of the budget. Others: kernels_wrapper, kernels, kernels_graph, kernels_compile,
+# and the warm compile cache): "tests step_lora step_sdxl" -- first the GPU tier of GPU_CHECK_TESTS (default: the
+# trainer's lever tests, whose reduce-overhead case for all three UNets has not run on a GPU yet, and
+# tests/test_lora.py, LoRA with its one compiled UNet under reduce-overhead against eager, cut by the 90 s per-test
+# limit in run 6; both now have a limit of their own), then with what is left of the budget the LCM-LoRA step (SD1.5,
+# rank 64, cached latents, bf16; GPU_CHECK_LORA_EXTRA=--compile adds torch.compile) and the SDXL step (1024 px,
+# batch 4, cached latents, gradient checkpointing). Others: kernels_wrapper, kernels, kernels_graph, kernels_compile,
 # loader, step_bf16, step_fp16, step_matrix (DEFAULT_MATRIX below: +latents, +compile and +compile-ro on one machine,
 # about 7 min from a cold compile cache, alone), compile_cache (the matrix's CACHE_SET again in a new process, from the
 # compile cache the matrix left: what a second `fastlcm train` pays). Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP,
@@ -68,7 +69,7 @@ import torch
 print("cuda available:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
 
-STAGES=${GPU_CHECK_STAGES:-step_lora step_sdxl tests}
+STAGES=${GPU_CHECK_STAGES:-tests step_lora step_sdxl}
 DEFAULT_MATRIX=+latents,+compile,+compile-ro
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then
     TESTS_MODE="--collect-only"; export OMP_NUM_THREADS=1
@@ -119,8 +120,8 @@ stage() {
 run_stage() {
     case $1 in
     tests)
-        stage tests "${GPU_CHECK_TESTS_CAP:-240}" $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
-            ${GPU_CHECK_TESTS:-tests/test_lora.py}
+        stage tests "${GPU_CHECK_TESTS_CAP:-300}" $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
+            ${GPU_CHECK_TESTS:-tests/test_train_gpu.py::test_levers_keep_the_losses_on_cuda tests/test_lora.py}
         cp "$WORK/tests.out" "$WORK/pytest.txt" 2>/dev/null; tail -n 3 "$WORK/tests.out" 2>/dev/null ;;
     kernels_wrapper) stage kernels_wrapper 40 $PY -m fastlcm bench kernels --wrapper-overhead \
         --record "$OUT/kernel_wrapper.csv" $WRAPPER_ARGS ;;

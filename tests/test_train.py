@@ -312,6 +312,24 @@ def test_fused_adam_and_channels_last_keep_the_loss_curve(straight, tiny_teacher
         assert got[s] == pytest.approx(want[s], rel=1e-3), s
 
 
+@pytest.mark.slow
+def test_compiling_all_three_unets_keeps_the_loss_curve(straight, tiny_teacher_factory, shards, tmp_path, monkeypatch):
+    """--compile_unets all (bench step's +compile set): the student (forward + backward), the teacher and the target
+    each run as inductor graphs, and the first steps follow the golden run's curve (reordered fp32 sums only).
+    Minutes of CPU compile from a cold cache, hence slow; the GPU tier checks reduce-overhead (test_train_gpu.py)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("FASTLCM_KERNELS", "torch")
+    counters.clear()
+    cfg = _cfg(tiny_teacher_factory("sd", "epsilon"), shards, tmp_path, "--max_train_steps", "3",
+               "--checkpointing_steps", "100", "--compile_unets", "all")
+    train(cfg, loader_factory=FakeLoader)
+    assert counters["stats"]["unique_graphs"] >= 3, dict(counters["stats"])  # nothing ran eager instead
+    got, want = _losses(tmp_path), _losses(straight.out)
+    for s in (1, 2, 3):
+        assert got[s] == pytest.approx(want[s], rel=1e-4, abs=1e-7), (s, got, want)
+
+
 def test_optimizer_impl_picks_the_kernel(tiny_teacher_factory, shards, tmp_path):
     from fastlcm.train import _optimizer
 
