@@ -120,7 +120,7 @@ stage() {
 run_stage() {
     case $1 in
     tests)
-        stage tests "${GPU_CHECK_TESTS_CAP:-300}" $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
+        stage tests "${GPU_CHECK_TESTS_CAP:-360}" $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
             ${GPU_CHECK_TESTS:-tests/test_train_gpu.py::test_levers_keep_the_losses_on_cuda tests/test_lora.py}
         cp "$WORK/tests.out" "$WORK/pytest.txt" 2>/dev/null; tail -n 3 "$WORK/tests.out" 2>/dev/null ;;
     kernels_wrapper) stage kernels_wrapper 40 $PY -m fastlcm bench kernels --wrapper-overhead \
