@@ -462,7 +462,7 @@ def train(cfg: TrainConfig, loader_factory=None) -> dict:
                 f"{e} at step {step + 1} (batch {batches_seen}); stopped before the update, nothing was saved for "
                 f"this step (last checkpoint: {resolve_resume('latest', out) or 'none'})") from None
         loss_sum, micro = loss_sum + value, micro + 1
-        if not st.accelerator.sync_gradients:
+        if not accelerator.sync_gradients:
             continue
 
         step += 1

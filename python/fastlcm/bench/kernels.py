@@ -17,13 +17,12 @@ Sizes: ``sd15:B`` = B×4×64×64 (512 px), ``sdxl:B`` = B×4×128×128 (1024 px)
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import itertools
 import json
 import sys
 import time
 
-from fastlcm.bench.loader import append_csv, csv_header_error, git_commit
+from fastlcm.bench.loader import append_csv, csv_header_error, machine_info
 
 OPS = ("loss", "boundary", "boundary_fwd", "solver")
 IDEAL_BYTES = {
@@ -348,8 +347,9 @@ def run(args) -> int:
     copy_gbps = copy_bandwidth(device, min(args.copy_mib, 16) if smoke else args.copy_mib, timer)
     import triton
 
-    meta = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "commit": git_commit(),
-            "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}  # fmt: skip
+    info = machine_info()  # the loader bench's commit/date stamp
+    meta = {"date_utc": info["date"], "commit": info["commit"], "gpu": gpu, "torch": torch.__version__,
+            "triton": triton.__version__}  # fmt: skip
     rows, failed = [], False
     with kernels.forced_kernels("triton"):
         for shape in sizes:

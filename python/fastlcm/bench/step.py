@@ -310,6 +310,20 @@ def result_record(args, st, levers: dict, result: dict, setup_s: float, stats, i
             "loader_stats": stats, "command": "fastlcm bench step " + shlex.join(argv)}  # fmt: skip
 
 
+def measure_set(args, teacher, family, tmp: Path, name: str, levers: dict, shards: str | None, info: dict,
+                t_setup: float) -> dict:
+    """Trainer state, inputs and measurement of one lever set on a built teacher: its :func:`result_record`
+    (``setup_s`` counted from ``t_setup``). Used by single runs and by each set of a matrix."""
+    cfg = config_for(args, tmp, levers).apply_defaults(family)
+    st = make_state(cfg, teacher, args.device)
+    batches, loader = make_batches(st, levers, args, shards)
+    setup_s = time.perf_counter() - t_setup
+    with ablations(st, levers):
+        result = measure(st, batches, args)
+    stats = loader.stats() if loader is not None else None
+    return result_record(args, st, levers, result, setup_s, stats, info, name)
+
+
 def csv_row(out: dict) -> dict:
     row = {**out["config"], **{k: out[k] for k in ("samples_per_s", "step_s", "peak_mem_gib", "instrumented_step_s",
                                                    "warmup_s", "compile_cache", "setup_s", "command")},
@@ -344,21 +358,14 @@ def _run_single(args) -> int:
         with scratch_dirs("fastlcm-bench-step-") as dirs:
             tmp = dirs[0]
             teacher, family = load_teacher(args, tmp, args.device)
-            cfg = config_for(args, tmp, levers).apply_defaults(family)
-            st = make_state(cfg, teacher, args.device)
             shards = None
             if levers["input"] == "loader":
                 shards, shard_tmp = make_shards(args.resolution, args.batch_size)
                 dirs.append(shard_tmp)
-            batches, loader = make_batches(st, levers, args, shards)
-            setup_s = time.perf_counter() - t_setup
-            with ablations(st, levers):
-                result = measure(st, batches, args)
-            stats = loader.stats() if loader is not None else None
+            out = measure_set(args, teacher, family, tmp, "flags", levers, shards, info, t_setup)
     except (ConfigError, ValueError, OSError, LoaderError) as e:
         print(f"fastlcm bench step: error: {e}", file=sys.stderr)
         return 1
-    out = result_record(args, st, levers, result, setup_s, stats, info, "flags")
     if args.out_csv:
         append_csv(args.out_csv, [csv_row(out)], CSV_COLUMNS)
     if args.json:

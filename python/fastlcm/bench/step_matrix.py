@@ -162,16 +162,8 @@ def _run_set(args, teacher, family, tmp, name, levers, shards, info) -> dict:
     sets still run."""
     from fastlcm.bench import step as bench
 
-    t_setup = time.perf_counter()
     try:
-        cfg = bench.config_for(args, tmp, levers).apply_defaults(family)
-        st = bench.make_state(cfg, teacher, args.device)
-        batches, loader = bench.make_batches(st, levers, args, shards)
-        setup_s = time.perf_counter() - t_setup
-        with bench.ablations(st, levers):
-            result = bench.measure(st, batches, args)
-        stats = loader.stats() if loader is not None else None
-        return bench.result_record(args, st, levers, result, setup_s, stats, info, name)
+        return bench.measure_set(args, teacher, family, tmp, name, levers, shards, info, time.perf_counter())
     except Exception as e:  # noqa: BLE001 - reported in the table and on stderr
         traceback.print_exc()
         first = (str(e).splitlines() or [""])[0][:160]
