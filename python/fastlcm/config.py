@@ -3,8 +3,8 @@
 Every field of :class:`TrainConfig` is a command-line flag with the same name, default and meaning as in the
 diffusers script (plus a few fastlcm additions, marked as such). Values come from, lowest to highest priority:
 the field defaults, a TOML file or packaged preset given by ``--config`` (same keys), then flags on the command
-line (:mod:`fastlcm.config_flags` reads those). :meth:`TrainConfig.validate` checks everything that can be checked without loading a model and raises
-:class:`ConfigError` with a one-line message naming the flag.
+line (:mod:`fastlcm.config_flags` reads those). :meth:`TrainConfig.validate` checks everything that can be checked
+without loading a model and raises :class:`ConfigError` with a one-line message naming the flag.
 
 The model family (SD 1.x/2.x or SDXL) is read from the teacher folder; LoRA distillation is ``--lora`` (or
 ``--lora_rank N``). Defaults that depend on them (``--w_min``, the validation guidance scale) are ``None`` here and
