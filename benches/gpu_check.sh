@@ -23,15 +23,15 @@
 # benches/results/gpu/README.md (runs 4-6 measured the kernels with rotated inputs, the lever ablations, +compile-ro
 # and the warm compile cache): "tests step_lora step_sdxl" -- first the GPU tier of GPU_CHECK_TESTS (default: the
 # trainer's lever tests, whose reduce-overhead case for all three UNets has not run on a GPU yet, and
-# tests/test_lora.py, LoRA with its one compiled UNet under reduce-overhead against eager, cut by the 90 s per-test
+# tests/training/test_lora.py, LoRA with its one compiled UNet under reduce-overhead against eager, cut by the 90 s per-test
 # limit in run 6; both now have a limit of their own), then with what is left of the budget the LCM-LoRA step (SD1.5,
 # rank 64, cached latents, bf16; GPU_CHECK_LORA_EXTRA=--compile adds torch.compile) and the SDXL step (1024 px,
 # batch 4, cached latents, gradient checkpointing). Others: kernels_wrapper, kernels, kernels_graph, kernels_compile,
 # loader, step_bf16, step_fp16, step_matrix (DEFAULT_MATRIX below: +latents, +compile and +compile-ro on one machine,
 # about 7 min from a cold compile cache, alone), compile_cache (the matrix's CACHE_SET again in a new process, from the
 # compile cache the matrix left: what a second `fastlcm train` pays). Caps: GPU_CHECK_TESTS_CAP, GPU_CHECK_MATRIX_CAP,
-# GPU_CHECK_CACHE_CAP, GPU_CHECK_LORA_CAP. Other test files for GPU_CHECK_TESTS: tests/test_kernels.py
-# tests/test_kernels_gpu.py tests/test_train_gpu.py tests/test_precompute.py.
+# GPU_CHECK_CACHE_CAP, GPU_CHECK_LORA_CAP. Other test files for GPU_CHECK_TESTS: tests/kernels/test_kernels.py
+# tests/kernels/test_kernels_gpu.py tests/training/test_train_gpu.py tests/data/test_precompute.py.
 # Matrix sets: GPU_CHECK_MATRIX (comma list or "all"; images+compile adds another ~200 s of compile).
 # GPU_CHECK_SMOKE=1 runs the same stages on a CPU at toy sizes (tiny teacher, 24 images; tests only collected), to
 # check the script itself before spending device time: GPU_CHECK_SMOKE=1 bash benches/gpu_check.sh  (~30 s)
@@ -121,7 +121,7 @@ run_stage() {
     case $1 in
     tests)
         stage tests "${GPU_CHECK_TESTS_CAP:-360}" $PY -m pytest -m gpu -q -p no:cacheprovider $TESTS_MODE \
-            ${GPU_CHECK_TESTS:-tests/test_train_gpu.py::test_levers_keep_the_losses_on_cuda tests/test_lora.py}
+            ${GPU_CHECK_TESTS:-tests/training/test_train_gpu.py::test_levers_keep_the_losses_on_cuda tests/training/test_lora.py}
         cp "$WORK/tests.out" "$WORK/pytest.txt" 2>/dev/null; tail -n 3 "$WORK/tests.out" 2>/dev/null ;;
     kernels_wrapper) stage kernels_wrapper 40 $PY -m fastlcm bench kernels --wrapper-overhead \
         --record "$OUT/kernel_wrapper.csv" $WRAPPER_ARGS ;;

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from test_train import FakeLoader, _cfg, shards  # noqa: F401  (fixture re-used)
+from .test_train import FakeLoader, _cfg, shards  # noqa: F401  (fixture re-used)
 
 from fastlcm.train import train
 
@@ -83,7 +83,7 @@ def _losses_with(teacher, shards, out, loader, *levers):  # noqa: F811
 def test_levers_keep_the_losses_on_cuda(tiny_teacher_factory, shards, tmp_path, monkeypatch, levers):  # noqa: F811
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from test_train import QuantizedFloatLoader, Uint8Loader
+    from .test_train import QuantizedFloatLoader, Uint8Loader
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)

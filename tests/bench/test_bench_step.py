@@ -12,7 +12,7 @@ import pytest
 
 from fastlcm.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEYS = {"samples_per_s", "step_s", "peak_mem_gib", "parts", "gpu", "config"}
 PARTS = {"loader_wait", "vae_encode", "text_encode", "teacher_forward", "target_forward", "student_forward_backward",
          "optimizer", "ema", "other"}  # fmt: skip
