@@ -46,6 +46,6 @@ def fresh_accelerate_state():
 
     yield
     if "accelerate" in sys.modules:
-        from fastlcm.bench.step import reset_accelerate
+        from fastlcm.bench.step_core import reset_accelerate
 
         reset_accelerate()

@@ -9,8 +9,11 @@ import sys
 
 import pytest
 
-from fastlcm.config import ConfigError, TrainConfig, expand_braces
-from fastlcm.config_flags import field_docs, load_config, preset_names, read_toml
+from fastlcm import _native
+from fastlcm.cli.flags import field_docs, load_config, preset_names, read_toml
+from fastlcm.config import TrainConfig
+from fastlcm.errors import ConfigError
+from fastlcm.families import get_family
 
 # name → default in diffusers' examples/consistency_distillation/train_lcm_distill_sd_wds.py
 DIFFUSERS_FLAGS = {
@@ -44,10 +47,10 @@ def basics(tmp_path, tiny_sd_teacher):
 def test_every_diffusers_flag_with_its_default():
     # w_min's default depends on the teacher's family (5 for SD as in the sd script, 3 for SDXL): resolved
     # once the family is known, left None until then.
-    defaults = TrainConfig().apply_defaults("sd")
+    defaults = TrainConfig().with_family_defaults(get_family("sd"))
     for name, default in DIFFUSERS_FLAGS.items():
         assert getattr(defaults, name) == default, name
-    assert TrainConfig().w_min is None and TrainConfig().apply_defaults("sdxl").w_min == 3.0
+    assert TrainConfig().w_min is None and TrainConfig().with_family_defaults(get_family("sdxl")).w_min == 3.0
     docs = field_docs()
     missing = [f.name for f in dataclasses.fields(TrainConfig) if not docs.get(f.name)]
     assert missing == []
@@ -133,17 +136,17 @@ def test_optional_packages_give_clear_errors(basics, monkeypatch):
 
 
 def test_brace_expansion():
-    assert expand_braces("d/{000..002}.tar") == ["d/000.tar", "d/001.tar", "d/002.tar"]
-    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert _native.expand_shards("d/{000..002}.tar") == ["d/000.tar", "d/001.tar", "d/002.tar"]
+    assert _native.expand_shards("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
 
 
 def test_parser_module_does_not_import_torch():
-    code = ("import sys, argparse; from fastlcm import train; p = argparse.ArgumentParser(); "
+    code = ("import sys, argparse; from fastlcm.cli import train; p = argparse.ArgumentParser(); "
             "train.add_arguments(p); assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     p = argparse.ArgumentParser()
-    from fastlcm import train
+    from fastlcm.cli import train
 
     train.add_arguments(p)
     assert "--w_min" in p.format_help() and "--config" in p.format_help()

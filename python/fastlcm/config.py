@@ -1,14 +1,15 @@
 """`fastlcm train` configuration: one dataclass with diffusers' `train_lcm_distill_sd_wds.py` flag names.
 
 Every field of :class:`TrainConfig` is a command-line flag with the same name, default and meaning as in the
-diffusers script (plus a few fastlcm additions, marked as such). Values come from, lowest to highest priority:
-the field defaults, a TOML file or packaged preset given by ``--config`` (same keys), then flags on the command
-line (:mod:`fastlcm.config_flags` reads those). :meth:`TrainConfig.validate` checks everything that can be checked
-without loading a model and raises :class:`ConfigError` with a one-line message naming the flag.
+diffusers script (plus a few fastlcm additions, marked as such); a field's choices are its ``Literal`` type.
+Values come from, lowest to highest priority: the field defaults, a TOML file or packaged preset given by
+``--config`` (same keys), then flags on the command line (:mod:`fastlcm.cli.flags` reads those).
 
-The model family (SD 1.x/2.x or SDXL) is read from the teacher folder; LoRA distillation is ``--lora`` (or
-``--lora_rank N``). Defaults that depend on them (``--w_min``, the validation guidance scale) are ``None`` here and
-resolved by :meth:`TrainConfig.apply_defaults` once the family is known.
+:meth:`TrainConfig.validate` checks the values themselves and raises :class:`ConfigError` with a one-line message
+naming the flag; it touches no file. What needs the outside world (the teacher folder and its model family, the
+shard files, optional packages) is :func:`fastlcm.training.preflight.preflight`, which returns the teacher's family;
+:meth:`TrainConfig.with_family_defaults` then fills the defaults that depend on it (``--w_min``: 5 SD, 3 SDXL; the
+LoRA target modules; the validation guidance scale: 8 full, 1 LoRA).
 
 This module must not import torch: the CLI builds its parser from it.
 """
@@ -16,39 +17,21 @@ This module must not import torch: the CLI builds its parser from it.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import re
+import types
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-LR_SCHEDULERS = (
+from fastlcm.data.options import LoaderOptions
+from fastlcm.errors import ConfigError
+
+LrScheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "piecewise_constant",
-)
+]  # fmt: skip
 SCHEDULERS_NEEDING_LENGTH = ("linear", "cosine", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("tensorboard", "wandb", "comet_ml", "all", "none")
-CHOICES = {
-    "mixed_precision": ("no", "fp16", "bf16"),
-    "loss_type": ("l2", "huber"),
-    "lr_scheduler": LR_SCHEDULERS,
-    "interpolation_type": ("bilinear",),
-    "export_pipeline_unet": ("online", "target"),
-    "optimizer_impl": ("auto", "fused", "foreach"),
-    "compile_unets": ("none", "student", "all"),
-    "compile_mode": ("default", "reduce-overhead", "max-autotune"),
-    "loader_dtype": ("auto", "float32", "bfloat16", "uint8"),
-}
-FAMILIES = ("sd", "sdxl")
-W_MIN_DEFAULT = {"sd": 5.0, "sdxl": 3.0}  # as in diffusers' sd / sdxl LCM scripts
 DEFAULT_LORA_RANK = 64
-DEFAULT_LORA_TARGET_MODULES = (
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-    "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-)
-
-
-class ConfigError(ValueError):
-    """A bad flag or config value; the message is one line and names the flag."""
+__all__ = ["ConfigError", "TrainConfig", "field_choices", "field_types"]
 
 
 @dataclass
@@ -86,7 +69,7 @@ class TrainConfig:
     """WebDataset shards: paths, brace ranges ("/d/{00000..00099}.tar"), http(s):// URLs or "pipe:CMD" (required)."""
     resolution: int = 512
     """Training image resolution in pixels (square; must be divisible by 8)."""
-    interpolation_type: str = "bilinear"
+    interpolation_type: Literal["bilinear"] = "bilinear"
     """Resize filter. The fastlcm loader resizes with PIL-equivalent antialiased bilinear only."""
     center_crop: bool = False
     """Center-crop images to the resolution instead of cropping at a random position."""
@@ -117,7 +100,7 @@ class TrainConfig:
     """Initial learning rate (after warmup)."""
     scale_lr: bool = False
     """Multiply the learning rate by processes × gradient accumulation steps × batch size."""
-    lr_scheduler: str = "constant"
+    lr_scheduler: LrScheduler = "constant"
     """LR schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup."""
     lr_warmup_steps: int = 500
     """Warmup steps of the LR schedule."""
@@ -146,7 +129,7 @@ class TrainConfig:
     """Maximum guidance scale w."""
     num_ddim_timesteps: int = 50
     """Number of points N of the DDIM solver grid."""
-    loss_type: str = "l2"
+    loss_type: Literal["l2", "huber"] = "l2"
     """Consistency loss: l2 or huber (pseudo-Huber)."""
     huber_c: float = 0.001
     """Pseudo-Huber parameter c (only used with --loss_type huber)."""
@@ -172,7 +155,7 @@ class TrainConfig:
     ema_decay: float = 0.95
     """EMA decay μ of the target network: target ← μ·target + (1 − μ)·student."""
     # ---- precision and speed ----
-    mixed_precision: str | None = None
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """Mixed precision: no, fp16 or bf16 (default: the accelerate config's)."""
     allow_tf32: bool = False
     """Allow TF32 matmuls on Ampere and newer GPUs."""
@@ -182,17 +165,17 @@ class TrainConfig:
     """Use xformers attention (needs `pip install xformers`)."""
     gradient_checkpointing: bool = False
     """Gradient checkpointing in the student to save memory."""
-    optimizer_impl: str = "auto"
+    optimizer_impl: Literal["auto", "fused", "foreach"] = "auto"
     """(fastlcm) AdamW implementation: fused (one CUDA kernel for all parameters), foreach, or auto (fused on CUDA
     unless --use_8bit_adam, else PyTorch's default). Same update rule either way."""
     channels_last: bool = False
     """(fastlcm) Keep the UNets (student, target, teacher) in channels_last memory format (often faster convs)."""
-    compile_unets: str = "none"
+    compile_unets: Literal["none", "student", "all"] = "none"
     """(fastlcm) torch.compile the UNet forwards of the LCD step: none, student, or all (student, teacher and target).
     Checkpoints, validation and export use the uncompiled modules. The first steps are slow while it compiles."""
-    compile_mode: str = "default"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     """(fastlcm) torch.compile mode with --compile_unets: default, reduce-overhead (CUDA graphs) or max-autotune."""
-    loader_dtype: str = "auto"
+    loader_dtype: Literal["auto", "float32", "bfloat16", "uint8"] = "auto"
     """(fastlcm) Pixel dtype the loader hands over: float32 or bfloat16 ([-1, 1]), or uint8 (0..255, normalized as
     x/127.5 − 1 on the device after the copy: 4× less to copy). auto = uint8 on CUDA, float32 on CPU."""
     device_prefetch: bool = True
@@ -230,7 +213,7 @@ class TrainConfig:
     # ---- fastlcm additions ----
     export_pipeline: bool = False
     """(fastlcm) Also write output_dir/pipeline: a complete diffusers pipeline with the student and LCMScheduler."""
-    export_pipeline_unet: str = "online"
+    export_pipeline_unet: Literal["online", "target"] = "online"
     """(fastlcm) Which UNet the exported pipeline uses: online (student) or target (EMA)."""
     shuffle_buffer: int = 1000
     """(fastlcm) Loader shuffle buffer in samples (0 = shard order)."""
@@ -240,20 +223,17 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------------------------
 
     def validate(self) -> "TrainConfig":
-        """Raise :class:`ConfigError` (one line, naming the flag) on the first bad value; return self."""
-        for name, choices in CHOICES.items():
+        """Raise :class:`ConfigError` (one line, naming the flag) on the first bad value; return self. Reads no
+        file (that is :func:`fastlcm.training.preflight.preflight`) and changes nothing."""
+        for name, choices in field_choices().items():
             value = getattr(self, name)
             if value is not None and value not in choices:
                 extra = " (the fastlcm loader resizes with antialiased bilinear only)" if name == "interpolation_type" else ""
                 raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {value!r}{extra}")
         if not self.pretrained_teacher_model:
             raise ConfigError("--pretrained_teacher_model is required (a diffusers folder or a Hub model id)")
-        _check_model_location("--pretrained_teacher_model", self.pretrained_teacher_model)
-        if self.pretrained_vae_model_name_or_path:
-            _check_model_location("--pretrained_vae_model_name_or_path", self.pretrained_vae_model_name_or_path)
         if not self.train_shards_path_or_url:
             raise ConfigError("--train_shards_path_or_url is required")
-        _check_shards(self.train_shards_path_or_url)
         if self.resolution <= 0 or self.resolution % 8:
             raise ConfigError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
         if self.w_min is not None and self.w_min > self.w_max:
@@ -300,47 +280,38 @@ class TrainConfig:
             raise ConfigError(f"--unet_time_cond_proj_dim must be even and >= 4, got {self.unet_time_cond_proj_dim}")
         if self.timestep_scaling_factor <= 0:
             raise ConfigError(f"--timestep_scaling_factor must be > 0, got {self.timestep_scaling_factor}")
-        reports = [r.strip() for r in self.report_to.split(",")] if self.report_to else ["none"]
-        for r in reports:
+        for r in self.trackers or ["none"]:
             if r not in REPORT_TO:
                 raise ConfigError(f"--report_to must be one of {', '.join(REPORT_TO)} (comma-separated), got {r!r}")
-        if "wandb" in reports and self.hub_token is not None:
+        if "wandb" in self.trackers and self.hub_token is not None:
             raise ConfigError("--hub_token cannot be used with --report_to wandb (it would expose the token); use `hf auth login`")
-        for r in ("wandb", "comet_ml"):
-            if r in reports and importlib.util.find_spec(r) is None:
-                raise ConfigError(f"--report_to {r} needs the {r} package: pip install {r}")
         if self.use_8bit_adam and self.optimizer_impl != "auto":
             raise ConfigError(f"--optimizer_impl {self.optimizer_impl} cannot be used with --use_8bit_adam "
                               "(bitsandbytes has its own kernel); leave it at auto")
         if self.precomputed_latents and self.loader_dtype not in ("auto", "float32"):
             raise ConfigError(f"--loader_dtype {self.loader_dtype} is for image shards; latent shards "
                               "(--precomputed_latents) are always read as float32")
-        if self.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or pip install 'fastlcm[bnb]')")
-        if self.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
-            raise ConfigError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers")
         if self.lr_scheduler in SCHEDULERS_NEEDING_LENGTH and self.max_train_steps is None and self.max_train_samples is None:
             raise ConfigError(f"--lr_scheduler {self.lr_scheduler} needs the run length: give --max_train_steps or --max_train_samples")
         if not self.validation_prompts:
             raise ConfigError("--validation_prompts must name at least one prompt")
-        family = local_teacher_family(self.pretrained_teacher_model)
-        if family is not None:
-            self.apply_defaults(family)
         return self
 
-    def apply_defaults(self, family: str) -> "TrainConfig":
-        """Fill the family/LoRA-dependent defaults left as None (``--w_min``: 5 SD, 3 SDXL; validation guidance:
-        8 full, 1 LoRA) and check what depends on them. Idempotent; values given by the user are kept."""
-        if family not in FAMILIES:
-            raise ConfigError(f"--pretrained_teacher_model: unknown model family {family!r}")
+    def with_family_defaults(self, family) -> "TrainConfig":
+        """A copy with the defaults that depend on the teacher's family (a :class:`fastlcm.families.Family`) and
+        the mode filled where they were left unset: ``--w_min`` (5 SD, 3 SDXL), ``--lora_target_modules`` (the
+        family's list, with LoRA), ``--validation_guidance_scale`` (8 full, 1 LoRA). Values given are kept."""
+        changes: dict[str, Any] = {}
         if self.w_min is None:
-            self.w_min = W_MIN_DEFAULT[family]
-            if self.w_min > self.w_max:
-                raise ConfigError(f"--w_max ({self.w_max}) is below the {family.upper()} default --w_min "
-                                  f"({self.w_min}); give --w_min too")
+            changes["w_min"] = family.default_w_min
+            if family.default_w_min > self.w_max:
+                raise ConfigError(f"--w_max ({self.w_max}) is below the {family.name.upper()} default --w_min "
+                                  f"({family.default_w_min}); give --w_min too")
+        if self.use_lora and self.lora_target_modules is None:
+            changes["lora_target_modules"] = ",".join(family.lora_target_modules)
         if self.validation_guidance_scale is None:
-            self.validation_guidance_scale = 1.0 if self.use_lora else 8.0
-        return self
+            changes["validation_guidance_scale"] = 1.0 if self.use_lora else 8.0
+        return dataclasses.replace(self, **changes)
 
     @property
     def use_lora(self) -> bool:
@@ -354,10 +325,16 @@ class TrainConfig:
 
     @property
     def lora_modules(self) -> list[str]:
-        """--lora_target_modules as a list (the default list when not given)."""
+        """--lora_target_modules as a list (the family's default list once :meth:`with_family_defaults` ran)."""
         if self.lora_target_modules is None:
-            return list(DEFAULT_LORA_TARGET_MODULES)
+            raise ConfigError("--lora_target_modules: no module list yet (the family default is filled in by "
+                              "TrainConfig.with_family_defaults)")
         return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    @property
+    def trackers(self) -> list[str]:
+        """--report_to as a list of tracker names ("none" dropped)."""
+        return [r.strip() for r in (self.report_to or "").split(",") if r.strip() and r.strip() != "none"]
 
     @property
     def loader_threads(self) -> int | None:
@@ -370,84 +347,61 @@ class TrainConfig:
             return "uint8" if cuda else "float32"
         return self.loader_dtype
 
+    def loader_options(self, *, rank: int, world_size: int, epochs: int | None, seed: int,
+                       cuda: bool) -> LoaderOptions:
+        """The options of this process's loader (:class:`fastlcm.data.LoaderOptions`; every default not set here
+        is the loader's own). Image shards: the resolution, crop, flip, json filters and pixel dtype of the flags;
+        latent shards (--precomputed_latents): the stream options alone, in raw mode."""
+        stream = dict(batch_size=self.train_batch_size, seed=seed, shuffle_buffer=self.shuffle_buffer,
+                      threads=self.loader_threads, rank=rank, world_size=world_size, epochs=epochs)
+        if self.precomputed_latents:
+            return LoaderOptions(**stream, raw=True)
+        return LoaderOptions(**stream, resolution=self.resolution, crop="center" if self.center_crop else "random",
+                             random_flip=self.random_flip, min_original_width=self.min_original_width,
+                             min_original_height=self.min_original_height, max_pwatermark=self.max_pwatermark,
+                             dtype=self.pixel_dtype(cuda))
+
+    def teacher_source(self):
+        """Where the teacher comes from, as a :class:`fastlcm.families.ModelSource`."""
+        from fastlcm.families import ModelSource  # the families import torch; this module must not at import
+
+        return ModelSource(self.pretrained_teacher_model, revision=self.teacher_revision, cache_dir=self.cache_dir,
+                           vae=self.pretrained_vae_model_name_or_path)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Pre-load checks
-# ----------------------------------------------------------------------------------------------------------------
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def local_teacher_family(value: str | None) -> str | None:
-    """"sdxl" / "sd" for a local diffusers folder (from model_index.json), None when it cannot be told locally."""
-    if not value:
-        return None
-    root = Path(value).expanduser()
-    index = root / "model_index.json"
-    if index.is_file():
-        import json
-
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--pretrained_teacher_model: cannot read {index}: {e}") from None
-        return family_from_index(data)
-    if root.is_dir() and (root / "text_encoder_2").is_dir():
-        return "sdxl"
-    if root.is_dir() and (root / "text_encoder").is_dir():
-        return "sd"
-    return None
+def field_types() -> dict[str, Any]:
+    """The resolved type annotation of every :class:`TrainConfig` field."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
-def family_from_index(index: dict) -> str:
-    """The family named by a pipeline's model_index.json: SDXL when it has a second text encoder."""
-    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        return "sdxl"
-    return "sd"
+def _without_none(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else hint
+    return hint
 
 
-def _check_model_location(flag: str, value: str) -> None:
-    path = Path(value).expanduser()
-    if path.is_dir():
-        if not ((path / "model_index.json").is_file() or (path / "config.json").is_file() or (path / "unet").is_dir()):
-            raise ConfigError(f"{flag}: {value} is a folder but not a diffusers model (no model_index.json, config.json or unet/)")
-        return
-    if path.exists():
-        raise ConfigError(f"{flag}: {value} is a file; expected a diffusers model folder or a Hub model id")
-    if value.startswith((".", "/", "~")) or not _HUB_ID.match(value):
-        raise ConfigError(f"{flag}: no such folder: {value}")
+def field_choices() -> dict[str, tuple]:
+    """{field: its choices} for every field whose type is a ``Literal`` (optionally ``| None``)."""
+    out = {}
+    for name, hint in field_types().items():
+        hint = _without_none(hint)
+        if typing.get_origin(hint) is Literal:
+            out[name] = typing.get_args(hint)
+    return out
 
 
-def expand_braces(spec: str) -> list[str]:
-    """Expand ``{a,b}`` alternatives and zero-padded ``{000..099}`` ranges (webdataset / braceexpand style)."""
-    m = re.search(r"\{([^{}]*)\}", spec)
-    if not m:
-        return [spec]
-    head, body, tail = spec[: m.start()], m.group(1), spec[m.end():]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
-    else:
-        items = body.split(",")
-    return [out for item in items for out in expand_braces(head + item + tail)]
-
-
-def _check_shards(spec: str) -> None:
-    """Local specs must name at least one existing file; URLs and pipe: commands are checked by the loader."""
-    parts = [p for p in spec.split("::") if p.strip()]
-    if not parts:
-        raise ConfigError("--train_shards_path_or_url is empty")
-    local = []
-    for part in parts:
-        part = part.strip()
-        if part.startswith(("pipe:", "http://", "https://")):
-            return
-        local.extend(expand_braces(part.removeprefix("file://")))
-    if not any(Path(p).expanduser().is_file() for p in local):
-        raise ConfigError(f"--train_shards_path_or_url: {spec!r} matches no file")
+def scalar_type(name: str) -> type:
+    """The Python type a field's value has (``str`` for a Literal of strings, ``list`` for ``list[str]``)."""
+    hint = _without_none(field_types()[name])
+    if typing.get_origin(hint) is Literal:
+        return type(typing.get_args(hint)[0])
+    if typing.get_origin(hint) is list:
+        return list
+    if hint in (str, int, float, bool):
+        return hint
+    raise TypeError(f"TrainConfig.{name}: unsupported field type {hint!r}")

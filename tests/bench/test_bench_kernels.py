@@ -69,7 +69,8 @@ def test_bench_wrapper_overhead_times_the_host_code_without_launching(capsys, tm
     assert bench.run(args) == 0
     out = capsys.readouterr().out
     assert "launch stubbed out" in out and "solver" in out
-    rows = list(csv.DictReader(record.open()))
+    with record.open() as f:
+        rows = list(csv.DictReader(f))
     assert [(r["op"], r["shape"]) for r in rows] == [("solver", "2x4x8x8"), ("loss", "2x4x8x8"),
                                                      ("solver", "1x4x4x4"), ("loss", "1x4x4x4")]  # fmt: skip
     assert all(float(r["us_per_call"]) > 0 and r["device"] == "cpu" and r["cpu"] for r in rows)

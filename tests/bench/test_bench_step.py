@@ -51,7 +51,8 @@ def test_bench_step_tiny_rust_loader(capsys, tmp_path, one_torch_thread):
     assert out["config"]["input"] == "rust loader" and out["config"]["resolution"] == 64
     assert out["loader_stats"]["batches_yielded"] >= 4  # warmup 1 + timed 2 + instrumented 1
     assert out["parts"]["vae_encode"] > 0 and out["parts"]["student_forward_backward"] > 0
-    rows = list(csv.DictReader(csv_path.open()))
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["family"] == "tiny" and float(rows[0]["step_s"]) == pytest.approx(out["step_s"], rel=1e-4)
     assert rows[0]["commit"] and rows[0]["date"] and rows[0]["gpu"].startswith("cpu")
 
@@ -89,7 +90,7 @@ def test_random_teacher_has_the_published_architecture(family, tmp_path):
     tokenizer's V-token vocabulary instead of CLIP's 49,408."""
     import torch
 
-    from fastlcm.bench.step import build_random_teacher
+    from fastlcm.bench.step_models import build_random_teacher
 
     with torch.device("meta"):
         teacher = build_random_teacher(family, tmp_path)
@@ -103,11 +104,11 @@ def test_random_teacher_has_the_published_architecture(family, tmp_path):
     assert count(teacher.vae) == 83_653_863
     assert count(teacher.text_encoder) == 123_060_480 - (49408 - vocab) * 768
     if family == "sdxl":
-        assert teacher.family == "sdxl" and teacher.unet.config.addition_time_embed_dim == 256
-        assert count(teacher.text_encoder_2) == 694_659_840 - (49408 - len(teacher.tokenizer_2)) * 1280
+        assert teacher.family.name == "sdxl" and teacher.unet.config.addition_time_embed_dim == 256
+        assert count(teacher.text_encoders[1]) == 694_659_840 - (49408 - len(teacher.tokenizers[1])) * 1280
     else:
-        assert teacher.family == "sd" and teacher.text_encoder_2 is None
-    assert all(not p.requires_grad for p in teacher.unet.parameters())  # frozen like models.load_teacher leaves it
+        assert teacher.family.name == "sd" and len(teacher.text_encoders) == 1
+    assert all(not p.requires_grad for p in teacher.unet.parameters())  # frozen like a family's load leaves it
 
 
 def test_bench_step_cached_latents_input_skips_vae_and_text(capsys, one_torch_thread):
@@ -132,7 +133,8 @@ def test_bench_step_lora_trains_only_the_adapters(capsys, tmp_path, one_torch_th
     # guidance projection)
     assert 0 < lora["config"]["trainable_params"] < full["config"]["trainable_params"] / 4
     assert lora["reference"]["matching"] is None
-    row = next(csv.DictReader(csv_path.open()))
+    with csv_path.open() as f:
+        row = next(csv.DictReader(f))
     assert (row["lora_rank"], row["trainable_params"]) == ("4", str(lora["config"]["trainable_params"]))
     capsys.readouterr()
     assert main(["bench", "step", "--family", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
@@ -159,7 +161,8 @@ def test_bench_step_matrix_runs_each_lever_set_once(capsys, tmp_path, one_torch_
     assert (cum["optimizer_impl"], cum["loader_dtype"], cum["device_prefetch"]) == ("fused", "uint8", True)
     for s in sets:
         _check(s)
-    rows = list(csv.DictReader(csv_path.open()))
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
     assert [r["levers"] for r in rows] == ["reference-bf16", "+uint8-prefetch"]
     assert rows[1]["loader_dtype"] == "uint8" and float(rows[0]["warmup_s"]) > 0
     capsys.readouterr()
@@ -169,7 +172,7 @@ def test_bench_step_matrix_runs_each_lever_set_once(capsys, tmp_path, one_torch_
 
 
 def test_bench_csvs_refuse_a_file_with_other_columns_before_measuring(capsys, tmp_path):
-    from fastlcm.bench.loader import append_csv
+    from fastlcm.bench.common import append_csv
 
     old = tmp_path / "old.csv"
     old.write_text("date,commit,samples_per_s\r\n2026-01-01,abc,1.0\r\n")
@@ -227,14 +230,14 @@ def test_ablations_switch_levers_off_for_the_measurement_and_restore_the_teacher
 
     from diffusers.models.attention_processor import AttnProcessor
 
-    from fastlcm import models as fm
-    from fastlcm.bench.step import ablations
-    from fastlcm.config import TrainConfig
+    from fastlcm.bench.step_core import ablations
+    from fastlcm.families import load_teacher
     from fastlcm.kernels import kernel_mode
     from fastlcm.lcd.step import LCDSettings
+    from fastlcm.training.models import build_student
 
-    teacher = fm.load_teacher(TrainConfig(pretrained_teacher_model=str(tiny_teacher_factory("sd", "epsilon"))))
-    student = fm.build_student(teacher.unet, 8)
+    teacher = load_teacher(tiny_teacher_factory("sd", "epsilon"))
+    student = build_student(teacher.unet, 8)
     before = {k: type(v) for k, v in teacher.unet.attn_processors.items()}
     assert before and AttnProcessor not in before.values()
     st = SimpleNamespace(teacher=teacher, unwrap=student, target=None, settings=LCDSettings())

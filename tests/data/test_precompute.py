@@ -1,6 +1,6 @@
 """`fastlcm precompute` on tiny teachers and shards: the cached latents must equal what training would compute.
 
-The reference is the training path: `models.load_teacher` + `models.text_conditioner_for` and the teacher's VAE
+The reference is the training path: the family's `load` + its text conditioner and the teacher's VAE
 applied to the crops `ShardLoader` yields with the same seed / crop / flip settings.
 """
 
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlcm import models
 from fastlcm.cli import main
 from fastlcm.config import TrainConfig
 from fastlcm.data import LatentShardLoader, ShardLoader
-from fastlcm.precompute import (Encoder, PrecomputeOptions, ShardWriter, finalize, precompute, prepare_out,
+from fastlcm.families import load_teacher
+from fastlcm.data.precompute import (Encoder, PrecomputeOptions, ShardWriter, finalize, precompute, prepare_out,
                                 write_rank)
 from fastlcm.testing import make_tiny_shards
 
@@ -35,8 +35,8 @@ def src(tmp_path_factory):
 def reference(teacher: Path, spec: str, **loader_kw):
     """Per sample (key -> mean, std, prompt_embeds, pooled, original_size, crop) via the training code path."""
     cfg = TrainConfig(pretrained_teacher_model=str(teacher), resolution=64)
-    t = models.load_teacher(cfg)
-    text = models.text_conditioner_for(t, "cpu", cfg)
+    t = load_teacher(cfg.teacher_source())
+    text = t.conditioner("cpu", cfg.resolution)
     out = {}
     for b in ShardLoader(spec, 3, 64, shuffle_buffer=0, pin_memory=False, **loader_kw):
         with torch.no_grad():
@@ -96,8 +96,8 @@ def test_rank_split_writes_every_source_sample_once(tiny_sd_teacher, src, tmp_pa
     for rank in (1, 0):
         write_rank(opts, enc, rank, 2, progress=False)
     with pytest.raises(Exception, match="rank 2 did not finish"):
-        finalize(opts, enc.family, enc.resolution, 3)
-    m = finalize(opts, enc.family, enc.resolution, 2)
+        finalize(opts, enc.family.name, enc.resolution, 3)
+    m = finalize(opts, enc.family.name, enc.resolution, 2)
     assert all(n.startswith(("r000-", "r001-")) for n in m["shards"]) and "::" in m["spec"]
     assert sum(m["counts_per_rank"]) == m["count"] == 6 and min(m["counts_per_rank"]) >= 2
     assert not list(out.glob(".precompute.rank*"))

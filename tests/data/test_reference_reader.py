@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -179,6 +180,9 @@ def test_passes_filters():
     assert ref.passes_filters(None)
 
 
+# webdataset's file opener leaves each shard's file object to the garbage collector (its ResourceWarning is collected
+# here, inside this test, instead of failing whichever test the collector happens to run in)
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
 def test_webdataset_pipeline_matches_the_oracle(tmp_path):
     paths = testing.make_tiny_shards(tmp_path, num_samples=8, samples_per_shard=4, image_format="mixed")
     spec = str(tmp_path / "shard-{00000..00001}.tar")
@@ -200,3 +204,5 @@ def test_webdataset_pipeline_matches_the_oracle(tmp_path):
             np.testing.assert_array_equal(px, want)
             seen += 1
     assert seen == len(samples) == 8
+    del pipe, batches
+    gc.collect()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastlcm import demo_teacher
-from fastlcm.procedural import ASSETS, TINY_TEACHER
+from fastlcm.demo import teacher as demo_teacher
+from fastlcm.demo.procedural import ASSETS, TINY_TEACHER
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,7 +53,7 @@ def test_progress_stops_on_time_budget():
 def test_shipped_teacher_is_small_stock_diffusers_layout():
     from diffusers import StableDiffusionPipeline
 
-    assert (TINY_TEACHER / "model_index.json").is_file(), "run python -m fastlcm.demo_teacher and copy tiny_teacher/"
+    assert (TINY_TEACHER / "model_index.json").is_file(), "run python -m fastlcm.demo.teacher and copy tiny_teacher/"
     total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
     assert total < 20 * 2**20, total
     index = json.loads((TINY_TEACHER / "model_index.json").read_text())
@@ -71,7 +71,7 @@ def test_shipped_teacher_is_small_stock_diffusers_layout():
 
 def test_shipped_teacher_follows_captions():
     """50-step DDIM + CFG 7 on one prompt per shape × colour pair; the shipped classifier reads the result."""
-    from fastlcm.evaluate import EvalConfig, evaluate
+    from fastlcm.sampling.evaluate import EvalConfig, evaluate
 
     report = evaluate(TINY_TEACHER, config=EvalConfig(num_prompts=30, steps=(4,)))
     acc = report["teacher_ddim_50"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastlcm.procedural import (
+from fastlcm.demo.procedural import (
     BACKGROUNDS,
     CAPTION_WORDS,
     COLOURS,
@@ -122,10 +122,10 @@ def test_classifier_heads_and_agreement():
 
 
 def test_shipped_classifier_reads_clean_held_out_images():
-    from fastlcm.procedural import ASSETS, classify, load_classifier
+    from fastlcm.demo.procedural import ASSETS, classify, load_classifier
 
     if not (ASSETS / "caption_classifier.safetensors").is_file():
-        pytest.fail("fastlcm/assets/caption_classifier.safetensors is missing (python -m fastlcm.demo_teacher)")
+        pytest.fail("fastlcm/assets/caption_classifier.safetensors is missing (python -m fastlcm.demo.teacher)")
     images, _, labels = procedural_batch(0, 200, seed=424242)  # seeds never used in training
     acc = agreement(classify(load_classifier(), images), labels)
     assert acc["shape_accuracy"] >= 0.95 and acc["colour_accuracy"] >= 0.98, acc

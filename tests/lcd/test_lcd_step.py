@@ -11,7 +11,7 @@ import torch
 
 from fastlcm.lcd.math import SolverGrid
 from fastlcm.lcd.step import Conditioning, LCDModels, LCDSettings, lcd_step
-from fastlcm.models import build_student, build_target
+from fastlcm.training.models import build_student, build_target
 
 T, N, D, LAM = 1000, 50, 8, 10.0
 SCALING = 0.18215
@@ -186,7 +186,7 @@ def test_step_matches_independent_reference(ptype, batch, index, w, loss_type, c
     grid = SolverGrid.build(ac, N)
 
     out = lcd_step(pixels, ["x"] * batch, models, grid, settings, draws)
-    out.loss.backward()
+    out.backward()
     got = _grads(nets[2])
     nets[2].zero_grad(set_to_none=True)
 
@@ -194,9 +194,9 @@ def test_step_matches_independent_reference(ptype, batch, index, w, loss_type, c
     ref.backward()
     want = _grads(nets[2])
 
-    assert out.loss.dtype == torch.float32 and out.loss.ndim == 0
-    assert torch.isfinite(out.loss) and out.loss.item() > 0
-    torch.testing.assert_close(out.loss, ref.float(), rtol=2e-5, atol=1e-7)
+    assert out.dtype == torch.float32 and out.ndim == 0
+    assert torch.isfinite(out) and out.item() > 0
+    torch.testing.assert_close(out, ref.float(), rtol=2e-5, atol=1e-7)
     assert set(got) == set(want) and "time_embedding.cond_proj.weight" in got
     # Both fp32 with different summation orders; compare each tensor relative to its largest entry. The
     # pseudo-Huber gradient d/√(d² + c²) turns an fp32 rounding of d (~1e-7) into a relative error ~1e-7/c,
@@ -218,12 +218,12 @@ def test_first_grid_point_target_is_the_solver_output():
     pixels, cond, uncond, nets, models, draws = _setup(2, [0, 0], [5.0, 15.0], "epsilon")
     grid = SolverGrid.build(_alphas_cumprod(), N)
     settings = LCDSettings(guidance_dim=D, loss_type="l2")
-    base = lcd_step(pixels, ["x", "y"], models, grid, settings, draws).loss.item()
+    base = lcd_step(pixels, ["x", "y"], models, grid, settings, draws).item()
     draws.cursor = 0
     with torch.no_grad():  # a wildly different target changes nothing at s = 0
         for p in nets[3].parameters():
             p.mul_(-3.0)
-    assert lcd_step(pixels, ["x", "y"], models, grid, settings, draws).loss.item() == pytest.approx(base, rel=1e-6)
+    assert lcd_step(pixels, ["x", "y"], models, grid, settings, draws).item() == pytest.approx(base, rel=1e-6)
 
 
 # ---- cached latents (fastlcm precompute → --precomputed_latents): the same loss as the image path ----
@@ -237,16 +237,17 @@ def test_cached_latents_give_the_image_path_loss(tiny_teacher_factory, family):
     path encodes as "" and the latent path must replace (its batch holds the original caption's embedding)."""
     from types import SimpleNamespace
 
-    from fastlcm import models as fm
     from fastlcm.config import TrainConfig
+    from fastlcm.families import load_teacher
     from fastlcm.lcd.step import TorchDraws
+    from fastlcm.training.models import PrecomputedConditioner
 
     cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher_factory(family, "epsilon")), resolution=64)
-    teacher = fm.load_teacher(cfg)
+    teacher = load_teacher(cfg.teacher_source())
     torch.manual_seed(0)
-    student = fm.build_student(teacher.unet, D)
-    target = fm.build_target(student)
-    text = fm.text_conditioner_for(teacher, "cpu", cfg)
+    student = build_student(teacher.unet, D)
+    target = build_target(student)
+    text = teacher.conditioner("cpu", cfg.resolution)
     grid = SolverGrid.build(teacher.noise_scheduler.alphas_cumprod.to(torch.float64), N)
     settings = LCDSettings(w_min=3.0, w_max=8.0, guidance_dim=D, loss_type="huber", vae_encode_batch_size=2)
     captions = ["a red circle", "a blue square", "a photo of a cat"]
@@ -256,7 +257,7 @@ def test_cached_latents_give_the_image_path_loss(tiny_teacher_factory, family):
     image_batch = SimpleNamespace(original_sizes=sizes, crop_coords=crops)
     nets = LCDModels(vae=teacher.vae, text=text, student=student, teacher=teacher.unet, target=target,
                      prediction_type=teacher.prediction_type, scaling_factor=teacher.vae.config.scaling_factor)
-    image_loss = lcd_step(pixels, dropped, nets, grid, settings, TorchDraws("cpu", 5), image_batch).loss
+    image_loss = lcd_step(pixels, dropped, nets, grid, settings, TorchDraws("cpu", 5), image_batch)
 
     with torch.no_grad():  # what `fastlcm precompute` stores for these crops (posterior per VAE chunk, as encoded)
         posts = [teacher.vae.encode(part).latent_dist for part in pixels.split(2)]
@@ -266,13 +267,13 @@ def test_cached_latents_give_the_image_path_loss(tiny_teacher_factory, family):
         prompt_embeds=cond.prompt_embeds.float(),
         pooled_embeds=cond.added["text_embeds"].float() if cond.added else None,
         original_sizes=sizes, crop_coords=crops, captions=captions)
-    cached = LCDModels(vae=None, text=fm.PrecomputedConditioner(text), student=student, teacher=teacher.unet,
+    cached = LCDModels(vae=None, text=PrecomputedConditioner(text, teacher.family.cached_fields), student=student, teacher=teacher.unet,
                        target=target, prediction_type=teacher.prediction_type,
                        scaling_factor=teacher.vae.config.scaling_factor)
-    latent_loss = lcd_step(None, dropped, cached, grid, settings, TorchDraws("cpu", 5), latent_batch).loss
+    latent_loss = lcd_step(None, dropped, cached, grid, settings, TorchDraws("cpu", 5), latent_batch)
     torch.testing.assert_close(latent_loss, image_loss, rtol=1e-5, atol=1e-7)
     # the replacement matters: without it (the original caption's embedding) the loss differs
-    plain = lcd_step(None, captions, cached, grid, settings, TorchDraws("cpu", 5), latent_batch).loss
+    plain = lcd_step(None, captions, cached, grid, settings, TorchDraws("cpu", 5), latent_batch)
     assert not torch.allclose(plain, image_loss, rtol=1e-5, atol=1e-7)
 
 
@@ -283,16 +284,17 @@ def test_split_teacher_cfg_gives_the_batched_loss(tiny_teacher_factory, family):
     import dataclasses
     from types import SimpleNamespace
 
-    from fastlcm import models as fm
     from fastlcm.config import TrainConfig
+    from fastlcm.families import load_teacher
     from fastlcm.lcd.step import TorchDraws
+    from fastlcm.training.models import PrecomputedConditioner
 
     cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher_factory(family, "epsilon")), resolution=64)
-    teacher = fm.load_teacher(cfg)
+    teacher = load_teacher(cfg.teacher_source())
     torch.manual_seed(0)
-    student = fm.build_student(teacher.unet, D)
-    nets = LCDModels(vae=teacher.vae, text=fm.text_conditioner_for(teacher, "cpu", cfg), student=student,
-                     teacher=teacher.unet, target=fm.build_target(student), prediction_type=teacher.prediction_type,
+    student = build_student(teacher.unet, D)
+    nets = LCDModels(vae=teacher.vae, text=teacher.conditioner("cpu", cfg.resolution), student=student,
+                     teacher=teacher.unet, target=build_target(student), prediction_type=teacher.prediction_type,
                      scaling_factor=teacher.vae.config.scaling_factor)  # fmt: skip
     grid = SolverGrid.build(teacher.noise_scheduler.alphas_cumprod.to(torch.float64), N)
     batched = LCDSettings(w_min=3.0, w_max=8.0, guidance_dim=D, loss_type="huber")
@@ -300,7 +302,7 @@ def test_split_teacher_cfg_gives_the_batched_loss(tiny_teacher_factory, family):
     batch = SimpleNamespace(original_sizes=torch.tensor([[64, 80], [96, 64], [64, 64]]),
                             crop_coords=torch.tensor([[0, 7], [15, 0], [0, 0]]))  # fmt: skip
     captions = ["a red circle", "", "a photo of a cat"]
-    losses = [lcd_step(pixels, captions, nets, grid, s, TorchDraws("cpu", 7), batch).loss
+    losses = [lcd_step(pixels, captions, nets, grid, s, TorchDraws("cpu", 7), batch)
               for s in (batched, dataclasses.replace(batched, teacher_cfg_batched=False))]  # fmt: skip
     assert losses[0].item() > 0
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-7)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from fastlcm.cli import main
-from fastlcm.evaluate import student_from_teacher
-from fastlcm.procedural import TINY_TEACHER
+from fastlcm.sampling.student import student_from_teacher
+from fastlcm.demo.procedural import TINY_TEACHER
 
 PROMPT = "a red circle at the top left on a black background"
 
@@ -35,7 +35,8 @@ def shipped_student(tmp_path_factory):
 
 
 def _png(path):
-    return np.asarray(Image.open(path))
+    with Image.open(path) as im:
+        return np.asarray(im)
 
 
 def test_generate_with_distilled_unet_on_default_teacher(shipped_student, tmp_path, capsys):

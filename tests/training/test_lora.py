@@ -11,9 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastlcm.config import DEFAULT_LORA_TARGET_MODULES, ConfigError, TrainConfig
-from fastlcm.config_flags import load_config
-from fastlcm.train import train
+from fastlcm.cli.flags import load_config
+from fastlcm.config import TrainConfig
+from fastlcm.errors import ConfigError
+from fastlcm.families import get_family
+from fastlcm.training.loop import train
+
+SD = get_family("sd")
 
 CAPTIONS = ["a red circle", "a blue square", "a photo of a cat", "a green triangle"]
 
@@ -85,7 +89,7 @@ def test_lora_flags_and_defaults(tiny_sd_teacher, shards, tmp_path):
     on = load_config(base + ["--lora"])
     assert on.use_lora and on.lora_r == 64 and on.lora_alpha == 64 and on.lora_dropout == 0.0
     assert on.learning_rate == 1e-4 and on.validation_guidance_scale == 1.0
-    assert on.lora_modules == list(DEFAULT_LORA_TARGET_MODULES) and "time_emb_proj" in on.lora_modules
+    assert on.lora_modules == list(SD.lora_target_modules) and "time_emb_proj" in on.lora_modules
     ranked = load_config(base + ["--lora_rank", "8", "--lora_target_modules", "to_q, to_v"])
     assert ranked.use_lora and ranked.lora_r == 8 and ranked.lora_modules == ["to_q", "to_v"]
     assert not load_config(base + ["--lora_rank", "0"]).use_lora
@@ -99,7 +103,7 @@ def test_lora_flags_and_defaults(tiny_sd_teacher, shards, tmp_path):
 
 
 def test_unknown_target_module_is_a_clear_error(tiny_sd_teacher):
-    from fastlcm.models import add_lora
+    from fastlcm.training.lora import add_lora
 
     cfg = TrainConfig(lora=True, lora_target_modules="no_such_layer")
     with pytest.raises(ConfigError, match="--lora_target_modules"):
@@ -111,10 +115,10 @@ def test_unknown_target_module_is_a_clear_error(tiny_sd_teacher):
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_teacher_with_adapters_disabled_equals_plain_teacher_bit_for_bit(family, tiny_teacher_factory):
-    from fastlcm.models import AdaptersDisabled, add_lora
+    from fastlcm.training.lora import AdaptersDisabled, add_lora
 
     teacher = tiny_teacher_factory(family, "epsilon")
-    plain, adapted = _unet(teacher), add_lora(_unet(teacher), TrainConfig(lora_rank=4))
+    plain, adapted = _unet(teacher), add_lora(_unet(teacher), TrainConfig(lora_rank=4).with_family_defaults(SD))
     with torch.no_grad():  # non-zero adapters, so that "enabled" really differs
         for name, p in adapted.named_parameters():
             if "lora_B" in name:
@@ -139,10 +143,12 @@ def test_teacher_with_adapters_disabled_equals_plain_teacher_bit_for_bit(family,
 def test_only_lora_params_get_gradients(tiny_sd_teacher, checkpointing):
     from fastlcm.lcd.math import SolverGrid
     from fastlcm.lcd.step import LCDModels, LCDSettings, TorchDraws, lcd_step
-    from fastlcm.models import AdaptersDisabled, add_lora, load_teacher, text_conditioner_for, trainable_parameters
+    from fastlcm.families import load_teacher
+    from fastlcm.training.lora import AdaptersDisabled, add_lora
+    from fastlcm.training.models import trainable_parameters
 
-    cfg = TrainConfig(pretrained_teacher_model=str(tiny_sd_teacher), lora_rank=4).apply_defaults("sd")
-    teacher = load_teacher(cfg)
+    cfg = TrainConfig(pretrained_teacher_model=str(tiny_sd_teacher), lora_rank=4).with_family_defaults(SD)
+    teacher = load_teacher(cfg.teacher_source())
     student = add_lora(teacher.unet, cfg)
     assert student is teacher.unet  # the same module
     if checkpointing:  # frozen base + checkpointed blocks must still pass gradients to the adapters
@@ -150,13 +156,13 @@ def test_only_lora_params_get_gradients(tiny_sd_teacher, checkpointing):
     lora_names = {n for n, p in student.named_parameters() if "lora_" in n}
     assert lora_names and {n for n, p in student.named_parameters() if p.requires_grad} == lora_names
     assert all(p.dtype == torch.float32 for p in trainable_parameters(student))
-    models = LCDModels(vae=teacher.vae, text=text_conditioner_for(teacher, "cpu", cfg), student=student,
+    models = LCDModels(vae=teacher.vae, text=teacher.conditioner("cpu", cfg.resolution), student=student,
                        teacher=AdaptersDisabled(student), target=student, prediction_type="epsilon",
                        scaling_factor=teacher.vae.config.scaling_factor)
     grid = SolverGrid.build(teacher.noise_scheduler.alphas_cumprod.double(), 50)
     out = lcd_step(torch.rand(2, 3, 64, 64) * 2 - 1, CAPTIONS[:2], models, grid,
                    LCDSettings(w_min=5.0, w_max=15.0, guidance_dim=0), TorchDraws("cpu", 0))
-    out.loss.backward()
+    out.backward()
     got = {n for n, p in student.named_parameters() if p.grad is not None}
     assert got == lora_names
     # B starts at zero, so the first gradient lives in the B matrices (A's gradient is B^T·(...) = 0)
@@ -213,7 +219,7 @@ def test_lora_resume_gives_the_same_losses(lora_run, tiny_sd_teacher, shards, tm
 
 
 def test_lora_resume_refuses_a_full_checkpoint(tiny_sd_teacher, shards, tmp_path):
-    from fastlcm.checkpoint import CheckpointError
+    from fastlcm.training.checkpoint import CheckpointError
 
     train(_cfg(tiny_sd_teacher, shards, tmp_path, "--max_train_steps", "1", "--checkpointing_steps", "1",
                "--lora_rank", "0"), loader_factory=FakeLoader)
@@ -225,8 +231,7 @@ def test_lora_resume_refuses_a_full_checkpoint(tiny_sd_teacher, shards, tmp_path
 def test_exported_lora_loads_in_stock_pipeline_and_changes_output(lora_run, tiny_sd_teacher):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from fastlcm.export import load_lora_state
-    from fastlcm.models import add_lora
+    from fastlcm.training.lora import add_lora, load_lora_state
 
     out = lora_run.out
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "peft_adapter").is_dir()
@@ -244,7 +249,7 @@ def test_exported_lora_loads_in_stock_pipeline_and_changes_output(lora_run, tiny
     assert after.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(after)).all())
     assert float(abs(after - before).max()) > 1e-4
     # the stock-loaded UNet computes what the trained student computes (alpha/rank scaling included)
-    student = add_lora(_unet(tiny_sd_teacher), TrainConfig(lora_rank=4, lora_alpha=8))
+    student = add_lora(_unet(tiny_sd_teacher), TrainConfig(lora_rank=4, lora_alpha=8).with_family_defaults(SD))
     load_lora_state(student, out)
     z, t, c = _inputs(student)
     with torch.no_grad():

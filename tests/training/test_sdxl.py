@@ -14,7 +14,7 @@ import torch
 
 from fastlcm.cli import main
 from fastlcm.config import TrainConfig
-from fastlcm.config_flags import load_config
+from fastlcm.cli.flags import load_config
 
 SIZES = ((64, 96), (120, 80))  # (height, width): a wide and a tall source image
 
@@ -43,9 +43,9 @@ def shard_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher_parts(sdxl_teacher):
-    from fastlcm.models import load_teacher
+    from fastlcm.families import load_teacher
 
-    return load_teacher(TrainConfig(pretrained_teacher_model=str(sdxl_teacher)))
+    return load_teacher(TrainConfig(pretrained_teacher_model=str(sdxl_teacher)).teacher_source())
 
 
 def test_family_defaults(sdxl_teacher, tiny_sd_teacher, shard_dir):
@@ -54,42 +54,45 @@ def test_family_defaults(sdxl_teacher, tiny_sd_teacher, shard_dir):
     assert xl.w_min == 3.0  # the SDXL scripts' default
     assert load_config(["--pretrained_teacher_model", str(sdxl_teacher), "--w_min", "5"] + shards).w_min == 5.0
     assert load_config(["--pretrained_teacher_model", str(tiny_sd_teacher)] + shards).w_min == 5.0
-    from fastlcm.models import detect_family
+    from fastlcm.families import detect
 
-    assert detect_family(xl) == "sdxl"
+    assert detect(xl.teacher_source()).name == "sdxl"
 
 
 def test_json_filter_flags_reach_the_loader(sdxl_teacher, shard_dir, monkeypatch):
     import fastlcm.data
-    from fastlcm.train import make_shard_loader
+    from fastlcm.training.setup import make_shard_loader
 
     seen = {}
-    monkeypatch.setattr(fastlcm.data, "ShardLoader", lambda *a, **kw: seen.update(kw), raising=False)
+    from .test_train import capturing
+
+    monkeypatch.setattr(fastlcm.data, "ShardLoader", capturing(seen, ()), raising=False)
     cfg = load_config(["--pretrained_teacher_model", str(sdxl_teacher), "--train_shards_path_or_url",
                        str(shard_dir / "hw-00000.tar"), "--min_original_width", "960", "--min_original_height",
                        "900", "--max_pwatermark", "0.5"])
     make_shard_loader(cfg, 0, 1, None, 0)
-    assert (seen["min_original_width"], seen["min_original_height"], seen["max_pwatermark"]) == (960, 900, 0.5)
+    kw = seen["kw"]
+    assert (kw["min_original_width"], kw["min_original_height"], kw["max_pwatermark"]) == (960, 900, 0.5)
     with pytest.raises(Exception, match="--max_pwatermark must be in"):
         load_config(["--pretrained_teacher_model", str(sdxl_teacher), "--train_shards_path_or_url",
                      str(shard_dir / "hw-00000.tar"), "--max_pwatermark", "2"])
 
 
 def test_vae_stays_fp32_unless_a_replacement_vae_is_given():
-    from fastlcm.models import Teacher, place_frozen
+    from fastlcm.families import Teacher, get_family
 
     def parts(family):
-        mods = {k: torch.nn.Linear(2, 2) for k in ("unet", "vae", "text_encoder", "text_encoder_2")}
-        return Teacher(family, tokenizer=None, noise_scheduler=None, scheduler_config={}, **mods)
+        mods = [torch.nn.Linear(2, 2) for _ in range(4)]
+        return Teacher(get_family(family), mods[0], mods[1], tuple(mods[2:]), (None, None), None, {})
 
     xl = parts("sdxl")
-    dt = place_frozen(xl, TrainConfig(), "cpu", "bf16")
+    dt = xl.family.place(xl, "cpu", torch.bfloat16)
     assert dt["vae"] == torch.float32 and xl.vae.weight.dtype == torch.float32
-    assert xl.text_encoder_2.weight.dtype == torch.bfloat16 and dt["unet"] == torch.bfloat16
-    xl = parts("sdxl")
-    fp16_vae = TrainConfig(pretrained_vae_model_name_or_path="x/fp16-vae")
-    assert place_frozen(xl, fp16_vae, "cpu", "bf16")["vae"] == torch.bfloat16
-    assert place_frozen(parts("sd"), TrainConfig(), "cpu", "bf16")["vae"] == torch.bfloat16  # SD VAE is bf16-safe
+    assert xl.text_encoders[1].weight.dtype == torch.bfloat16 and dt["unet"] == torch.bfloat16
+    xl = parts("sdxl")  # a replacement VAE given (--pretrained_vae_model_name_or_path x/fp16-vae)
+    assert xl.family.place(xl, "cpu", torch.bfloat16, vae_replaced=True)["vae"] == torch.bfloat16
+    sd = parts("sd")
+    assert sd.family.place(sd, "cpu", torch.bfloat16)["vae"] == torch.bfloat16  # SD VAE is bf16-safe
 
 
 def test_conditioning_matches_the_stock_sdxl_pipeline(teacher_parts, shard_dir):
@@ -100,11 +103,9 @@ def test_conditioning_matches_the_stock_sdxl_pipeline(teacher_parts, shard_dir):
     from diffusers import StableDiffusionXLPipeline
 
     from fastlcm.data import ShardLoader
-    from fastlcm.models import text_conditioner_for
 
     t = teacher_parts
-    cfg = TrainConfig(resolution=64)
-    cond = text_conditioner_for(t, "cpu", cfg)
+    cond = t.conditioner("cpu", resolution=64)
     batch = next(iter(ShardLoader(str(shard_dir / "hw-00000.tar"), 4, 64, seed=5, shuffle_buffer=0, threads=1)))
     # the loader reports the decoded source sizes (h, w) for these keys
     want_sizes = [SIZES[int(k) % 2] for k in batch.keys]
@@ -117,12 +118,12 @@ def test_conditioning_matches_the_stock_sdxl_pipeline(teacher_parts, shard_dir):
         assert (top == 0 and 0 <= left <= 32) if w > h else (left == 0 and 0 <= top <= 32)
     assert any(c != [0, 0] for c in batch.crop_coords.tolist())  # seed 5 gives real crops
 
-    pipe = StableDiffusionXLPipeline(vae=t.vae, text_encoder=t.text_encoder, text_encoder_2=t.text_encoder_2,
-                                     tokenizer=t.tokenizer, tokenizer_2=t.tokenizer_2, unet=t.unet,
+    pipe = StableDiffusionXLPipeline(vae=t.vae, text_encoder=t.text_encoders[0], text_encoder_2=t.text_encoders[1],
+                                     tokenizer=t.tokenizers[0], tokenizer_2=t.tokenizers[1], unet=t.unet,
                                      scheduler=t.noise_scheduler, force_zeros_for_empty_prompt=True)
     for row, (h, w), (top, left) in zip(ids, want_sizes, batch.crop_coords.tolist()):
         stock = pipe._get_add_time_ids((h, w), (top, left), (64, 64), dtype=torch.float32,
-                                       text_encoder_projection_dim=t.text_encoder_2.config.projection_dim)
+                                       text_encoder_projection_dim=t.text_encoders[1].config.projection_dim)
         assert torch.equal(stock[0], row)
 
     c, u = cond.encode(batch.captions, batch), cond.unconditional(4, batch)
@@ -134,7 +135,7 @@ def test_conditioning_matches_the_stock_sdxl_pipeline(teacher_parts, shard_dir):
     assert torch.equal(u.added["text_embeds"], torch.zeros_like(npooled))
     assert torch.equal(u.added["time_ids"], ids)  # c∅ keeps the sample's micro-conditioning
 
-    fixed = text_conditioner_for(t, "cpu", TrainConfig(resolution=64, use_fix_crop_and_size=True))
+    fixed = t.conditioner("cpu", resolution=64, fix_crop_and_size=True)
     assert fixed.time_ids(batch, 4).tolist() == [[64, 64, 0, 0, 64, 64]] * 4
     with pytest.raises(ValueError, match="original_sizes and crop_coords"):
         cond.time_ids(SimpleNamespace(captions=["x"]), 1)
@@ -173,7 +174,8 @@ def _generate(teacher, out_png, *flags):
 
     assert main(["generate", "--teacher", str(teacher), *flags, "--prompt", "a red circle", "--steps", "2",
                  "--height", "64", "--width", "64", "--out", str(out_png)]) == 0
-    assert Image.open(out_png).size == (64, 64)
+    with Image.open(out_png) as im:
+        assert im.size == (64, 64)
 
 
 def test_cli_full_sdxl_distillation_exports_a_unet_that_generates(sdxl_teacher, shard_dir, tmp_path, monkeypatch):
@@ -220,7 +222,7 @@ def test_cli_sdxl_lora_exports_weights_that_load_in_stock_pipeline(sdxl_teacher,
 
 
 def test_sdxl_and_lora_presets_parse(sdxl_teacher, shard_dir):
-    from fastlcm.config_flags import preset_names, read_toml
+    from fastlcm.cli.flags import preset_names, read_toml
 
     assert {"sdxl", "sdxl-lora", "sd15-lora"} <= set(preset_names())
     full, lora, sd_lora = (TrainConfig(**read_toml(n)) for n in ("sdxl", "sdxl-lora", "sd15-lora"))

@@ -1,4 +1,4 @@
-"""The training loop (fastlcm.train.train) on the tiny teacher with an in-test loader: checkpoints, resume,
+"""The training loop (fastlcm.training.loop.train) on the tiny teacher with an in-test loader: checkpoints, resume,
 non-finite loss, export + reload, gradient accumulation, hub upload (mocked), and a golden loss trajectory.
 
 The in-test loader yields Batch-like objects (pixels, keys, captions) that depend only on (seed, rank, position),
@@ -16,8 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastlcm.config_flags import load_config
-from fastlcm.train import NonFiniteLossError, drop_captions, train
+from fastlcm.cli.flags import load_config
+from fastlcm.errors import NonFiniteLossError
+from fastlcm.training.loop import train
+from fastlcm.training.step import drop_captions
 
 CAPTIONS = ["a red circle", "a blue square", "a photo of a cat", "a green triangle on the left"]
 
@@ -119,8 +121,8 @@ def test_validation_grids_written(straight):
     assert list((straight.out / "logs").rglob("events.out.tfevents.*"))  # scalars and images went to TensorBoard
     grids = sorted((straight.out / "validation").glob("*.png"))
     assert [g.name for g in grids] == ["step-000004-online.png", "step-000004-target.png"]
-    im = Image.open(grids[0])
-    assert im.size == (2 * 64, 64)  # two prompts side by side
+    with Image.open(grids[0]) as im:
+        assert im.size == (2 * 64, 64)  # two prompts side by side
 
 
 def test_export_reloads_in_stock_pipeline_and_generates(straight, tiny_teacher_factory):
@@ -200,7 +202,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny_teacher_factory, shar
 
 
 def test_max_train_samples_defines_epochs(tiny_teacher_factory, shards, tmp_path):
-    from fastlcm.train import run_length
+    from fastlcm.training.setup import run_length
 
     cfg = _cfg(tiny_teacher_factory("sd", "epsilon"), shards, tmp_path, "--max_train_samples", "5",
                "--num_train_epochs", "3", "--gradient_accumulation_steps", "2")
@@ -220,12 +222,26 @@ def test_drop_captions_is_seeded():
     assert a == b and 450 < a.count("") < 750
 
 
+def capturing(seen: dict, positional: tuple[str, ...]):
+    """A stand-in loader class whose ``from_options`` records what the trainer asked for: ``seen["args"]`` = the
+    shard spec and the ``positional`` options, ``seen["kw"]`` = every option plus the keyword arguments."""
+    import dataclasses
+
+    class Captured:
+        @classmethod
+        def from_options(cls, spec, options, **kw):
+            seen.update(args=(spec, *(getattr(options, f) for f in positional)),
+                        kw={**dataclasses.asdict(options), **kw})
+
+    return Captured
+
+
 def test_loader_options_follow_the_flags(tiny_teacher_factory, shards, tmp_path, monkeypatch):
     import fastlcm.data
-    from fastlcm.train import make_shard_loader
+    from fastlcm.training.setup import make_shard_loader
 
     seen = {}
-    monkeypatch.setattr(fastlcm.data, "ShardLoader", lambda *a, **kw: seen.update(args=a, kw=kw), raising=False)
+    monkeypatch.setattr(fastlcm.data, "ShardLoader", capturing(seen, ("batch_size", "resolution")), raising=False)
     cfg = _cfg(tiny_teacher_factory("sd", "epsilon"), shards, tmp_path, "--center_crop", "--random_flip",
                "--dataloader_num_workers", "3")
     make_shard_loader(cfg, 1, 4, None, 0)
@@ -251,7 +267,7 @@ class _OneProcess:
 
 
 def test_crash_while_saving_never_leaves_a_broken_latest(tmp_path):
-    from fastlcm.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
+    from fastlcm.training.checkpoint import list_checkpoints, resolve_resume, save_checkpoint
 
     class Target:
         def __init__(self, fail):
@@ -273,7 +289,7 @@ def test_crash_while_saving_never_leaves_a_broken_latest(tmp_path):
     save_checkpoint(acc, tmp_path, 4, Target(False), {}, {"batches_seen": 4}, 1)
     assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-4"] and not (tmp_path / ".checkpoint-4.tmp").exists()
     assert torch.load(tmp_path / "checkpoint-4" / "rank0.pt") == {}
-    from fastlcm.checkpoint import CheckpointError
+    from fastlcm.training.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="not a complete fastlcm checkpoint"):
         resolve_resume(str(tmp_path / "checkpoint-6"), tmp_path)
@@ -341,7 +357,7 @@ def test_compiling_all_three_unets_keeps_the_loss_curve(straight, tiny_teacher_f
 
 
 def test_optimizer_impl_picks_the_kernel(tiny_teacher_factory, shards, tmp_path):
-    from fastlcm.train import _optimizer
+    from fastlcm.training.setup import optimizer as _optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     base = ("--max_train_steps", "1")
@@ -354,7 +370,7 @@ def test_optimizer_impl_picks_the_kernel(tiny_teacher_factory, shards, tmp_path)
 
 
 def test_batch_mover_normalizes_uint8_and_moves_latents():
-    from fastlcm.train import BatchMover
+    from fastlcm.training.step import BatchMover
 
     mover = BatchMover("cpu", side_stream=True)  # no CUDA: the side stream is a no-op
     assert mover.stream is None
@@ -375,10 +391,10 @@ def test_batch_mover_normalizes_uint8_and_moves_latents():
 
 def test_latent_loader_for_precomputed_latents(tiny_teacher_factory, shards, tmp_path, monkeypatch):
     import fastlcm.data.latents
-    from fastlcm.train import make_shard_loader
+    from fastlcm.training.setup import make_shard_loader
 
     seen = {}
-    monkeypatch.setattr(fastlcm.data.latents, "LatentShardLoader", lambda *a, **kw: seen.update(args=a, kw=kw))
+    monkeypatch.setattr(fastlcm.data.latents, "LatentShardLoader", capturing(seen, ("batch_size",)))
     cfg = _cfg(tiny_teacher_factory("sdxl", "epsilon"), shards, tmp_path, "--precomputed_latents")
     make_shard_loader(cfg, 1, 2, 3, 9)
     assert seen["args"] == (str(shards), 2)
@@ -392,8 +408,8 @@ def test_train_refuses_an_accelerate_state_with_other_mixed_precision(tiny_teach
     bf16 when --mixed_precision no was asked for would be wrong, so train() says so instead."""
     from accelerate import Accelerator
 
-    from fastlcm.bench.step import reset_accelerate
-    from fastlcm.config import ConfigError
+    from fastlcm.bench.step_core import reset_accelerate
+    from fastlcm.errors import ConfigError
 
     reset_accelerate()
     try:
@@ -407,30 +423,30 @@ def test_train_refuses_an_accelerate_state_with_other_mixed_precision(tiny_teach
 
 
 def test_compile_cache_persists_outside_tmp_unless_the_user_chose(monkeypatch, tmp_path):
-    from fastlcm import models
+    from fastlcm.training import compile as compile_lib
 
-    monkeypatch.delenv(models.COMPILE_CACHE_ENV, raising=False)
+    monkeypatch.delenv(compile_lib.COMPILE_CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    wrapped = models.compiled(torch.nn.Linear(2, 2), "default")  # torch.compile is lazy: nothing compiles here
+    wrapped = compile_lib.compiled(torch.nn.Linear(2, 2), "default")  # torch.compile is lazy: nothing compiles here
     assert callable(wrapped)
-    assert os.environ[models.COMPILE_CACHE_ENV] == str(tmp_path / "xdg" / "fastlcm" / "torchinductor")
-    monkeypatch.setenv(models.COMPILE_CACHE_ENV, str(tmp_path / "mine"))
-    assert models.compile_cache_dir() == str(tmp_path / "mine")
+    assert os.environ[compile_lib.COMPILE_CACHE_ENV] == str(tmp_path / "xdg" / "fastlcm" / "torchinductor")
+    monkeypatch.setenv(compile_lib.COMPILE_CACHE_ENV, str(tmp_path / "mine"))
+    assert compile_lib.compile_cache_dir() == str(tmp_path / "mine")
     # importing torch._dynamo (diffusers does) writes inductor's /tmp default into the variable: not a user's choice
-    monkeypatch.setenv(models.COMPILE_CACHE_ENV, models._torch_default_cache_dir())
-    assert models.compile_cache_dir() == str(tmp_path / "xdg" / "fastlcm" / "torchinductor")
-    assert models.compile_cache_state() == "cold"  # (the bench step records it for compiled runs)
+    monkeypatch.setenv(compile_lib.COMPILE_CACHE_ENV, compile_lib._torch_default_cache_dir())
+    assert compile_lib.compile_cache_dir() == str(tmp_path / "xdg" / "fastlcm" / "torchinductor")
+    assert compile_lib.compile_cache_state() == "cold"  # (the bench step records it for compiled runs)
     (tmp_path / "xdg" / "fastlcm" / "torchinductor" / "fxgraph" / "ab").mkdir(parents=True)
     for name in ("one", "two"):
         (tmp_path / "xdg" / "fastlcm" / "torchinductor" / "fxgraph" / "ab" / name).write_text("x")
-    assert models.compile_cache_state() == "warm (2 files)"
+    assert compile_lib.compile_cache_state() == "warm (2 files)"
     # a home cache that cannot be created (here: XDG_CACHE_HOME is a file) leaves inductor's default
-    monkeypatch.delenv(models.COMPILE_CACHE_ENV)
+    monkeypatch.delenv(compile_lib.COMPILE_CACHE_ENV)
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))
-    assert models.compile_cache_dir() == models._torch_default_cache_dir()
-    monkeypatch.setenv(models.COMPILE_CACHE_ENV, str(tmp_path / "xdg" / "fastlcm" / "torchinductor"))
-    notice = models.compile_notice(SimpleNamespace(compile_unets="all", compile_mode="reduce-overhead"))
+    assert compile_lib.compile_cache_dir() == compile_lib._torch_default_cache_dir()
+    monkeypatch.setenv(compile_lib.COMPILE_CACHE_ENV, str(tmp_path / "xdg" / "fastlcm" / "torchinductor"))
+    notice = compile_lib.compile_notice(SimpleNamespace(compile_unets="all", compile_mode="reduce-overhead"))
     assert notice == ("torch.compile (reduce-overhead) of the student, teacher and target: the first steps compile "
                       f"(minutes when the cache is cold); compile cache {tmp_path}/xdg/fastlcm/torchinductor: "
                       "warm (2 files)")  # fmt: skip
@@ -441,11 +457,11 @@ import json, os, sys
 import diffusers  # as the trainer: imports torch._dynamo, which sets TORCHINDUCTOR_CACHE_DIR to its /tmp default
 import torch
 from torch._dynamo.utils import counters
-from fastlcm import models
+from fastlcm.training import compile as compile_lib
 torch.manual_seed(0)
 net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3, padding=1))
 x = torch.randn(2, 4, 8, 8, requires_grad=True)
-models.compiled(net, "default")(x).square().mean().backward()
+compile_lib.compiled(net, "default")(x).square().mean().backward()
 print(json.dumps({"inductor": dict(counters["inductor"]), "dir": os.environ["TORCHINDUCTOR_CACHE_DIR"]}))
 """
 
@@ -456,9 +472,9 @@ def test_compile_cache_is_reused_by_the_next_process(tmp_path):
     import subprocess
     import sys
 
-    from fastlcm import models
+    from fastlcm.training import compile as compile_lib
 
-    env = {k: v for k, v in os.environ.items() if k not in (models.COMPILE_CACHE_ENV, "TRITON_CACHE_DIR")}
+    env = {k: v for k, v in os.environ.items() if k not in (compile_lib.COMPILE_CACHE_ENV, "TRITON_CACHE_DIR")}
     env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), TMPDIR=str(tmp_path / "tmp"), OMP_NUM_THREADS="1")
     (tmp_path / "tmp").mkdir()
     ours = tmp_path / "xdg" / "fastlcm" / "torchinductor"

@@ -39,12 +39,12 @@ def _base(teacher, shard_dir, out):
 ])
 def test_bad_input_is_one_line_before_any_model_loads(change, needle, tiny_sd_teacher, shard_dir, tmp_path, capsys,
                                                       monkeypatch):
-    import fastlcm.models
+    from fastlcm.families import UNetFamily
 
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the config was validated")
 
-    monkeypatch.setattr(fastlcm.models, "load_teacher", boom)
+    monkeypatch.setattr(UNetFamily, "load", boom)
     argv = _base(tiny_sd_teacher, shard_dir, tmp_path / "out") + ["--w_max", "10"]
     for flag, value in change.items():
         if flag in argv:
@@ -134,7 +134,7 @@ def test_train_from_precomputed_latents_equals_training_from_images(tiny_sd_teac
     _needs_loader()
     monkeypatch.setenv("FASTLCM_KERNELS", "torch")
     from fastlcm.data.latents import LatentShardLoader
-    from fastlcm.precompute import PrecomputeOptions, precompute
+    from fastlcm.data.precompute import PrecomputeOptions, precompute
 
     spec = str(shard_dir / "shard-{00000..00003}.tar")
     manifest = precompute(PrecomputeOptions(teacher=str(tiny_sd_teacher), shards=spec, out=str(tmp_path / "lat"),

@@ -9,7 +9,7 @@ import torch
 
 from .test_train import FakeLoader, _cfg, shards  # noqa: F401  (fixture re-used)
 
-from fastlcm.train import train
+from fastlcm.training.loop import train
 
 
 def _run(teacher, shards, out, precision, *extra):
@@ -105,7 +105,7 @@ def test_side_stream_copy_is_complete_before_use():
         pytest.skip("needs CUDA")
     from types import SimpleNamespace
 
-    from fastlcm.train import BatchMover
+    from fastlcm.training.step import BatchMover
 
     mover = BatchMover("cuda", side_stream=True)
     assert mover.stream is not None
@@ -135,17 +135,18 @@ def test_cached_latents_train_steps(tiny_teacher_factory, family, device, precis
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from fastlcm import models
     from fastlcm.bench.step_models import fixed_latent_batch
     from fastlcm.config import TrainConfig
-    from fastlcm.train import setup, train_step
+    from fastlcm.families import get_family, load_teacher
+    from fastlcm.training.setup import setup
+    from fastlcm.training.step import train_step
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     cfg = TrainConfig(pretrained_teacher_model=str(tiny_teacher_factory(family, "epsilon")), resolution=64,
                       output_dir=tempfile.mkdtemp(), precomputed_latents=True, mixed_precision=precision,
-                      proportion_empty_prompts=0.5, lr_warmup_steps=0).apply_defaults(family)
-    teacher = models.load_teacher(cfg)
+                      proportion_empty_prompts=0.5, lr_warmup_steps=0).with_family_defaults(get_family(family))
+    teacher = load_teacher(cfg.teacher_source())
     st = setup(cfg, Accelerator(mixed_precision=precision, cpu=device == "cpu"), teacher, num_training_steps=3, seed=0)
     assert st.offloaded and next(teacher.vae.parameters()).device.type == "cpu"
     assert next(teacher.unet.parameters()).device.type == device

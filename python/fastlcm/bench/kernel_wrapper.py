@@ -75,7 +75,7 @@ def time_call(fn, calls: int, rounds: int) -> tuple[float, float]:
 def run(args, sizes, ops) -> int:
     import torch
 
-    from fastlcm.bench.loader import append_csv, machine_info
+    from fastlcm.bench.common import append_csv, machine_info
     from fastlcm.kernels import forced_kernels
 
     if args.calls < 1 or args.rounds < 1:

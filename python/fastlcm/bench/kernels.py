@@ -22,7 +22,7 @@ import json
 import sys
 import time
 
-from fastlcm.bench.loader import append_csv, csv_header_error, machine_info
+from fastlcm.bench.common import append_csv, csv_header_error, machine_info
 
 OPS = ("loss", "boundary", "boundary_fwd", "solver")
 IDEAL_BYTES = {

@@ -1,7 +1,7 @@
 """`fastlcm bench step --matrix NAME[,NAME…]`: several lever sets measured in one process on one teacher.
 
 The random-weight teacher is built once (on the device); each set gets a fresh student, target, optimizer and
-Accelerator (train.setup), its own input, and a clean slate: the previous set's objects are dropped, dynamo's
+Accelerator (training.setup.setup), its own input, and a clean slate: the previous set's objects are dropped, dynamo's
 caches reset, the CUDA cache emptied and the peak-memory counter reset. One table is printed and one CSV row per
 set written (column ``levers`` = the set's name).
 
@@ -108,8 +108,8 @@ def _free(device) -> None:
 def run_matrix(args) -> int:
     import torch
 
-    from fastlcm.bench import step as bench
-    from fastlcm.bench.loader import append_csv, machine_info
+    from fastlcm.bench import step_core as bench
+    from fastlcm.bench.common import append_csv, machine_info
 
     try:
         names = parse_sets(args.matrix)
@@ -160,7 +160,7 @@ def run_matrix(args) -> int:
 def _run_set(args, teacher, family, tmp, name, levers, shards, info) -> dict:
     """Measure one lever set; an error (out of memory, a compile failure) is recorded, not raised, so the other
     sets still run."""
-    from fastlcm.bench import step as bench
+    from fastlcm.bench import step_core as bench
 
     try:
         return bench.measure_set(args, teacher, family, tmp, name, levers, shards, info, time.perf_counter())
@@ -196,7 +196,7 @@ def compare(record: dict, measured: dict[str, float]) -> None:
 
 
 def print_row(r: dict) -> None:
-    from fastlcm.bench.step import levers_text
+    from fastlcm.bench.step_core import levers_text
 
     name = r["config"]["levers"]
     if "error" in r:
@@ -210,7 +210,7 @@ def print_row(r: dict) -> None:
 
 
 def print_footer() -> None:
-    from fastlcm.bench.step import REFERENCE
+    from fastlcm.bench.step_core import REFERENCE
 
     for key, ref in REFERENCE.items():
         print(f"{'ref H200 ' + key:<27}{ref['samples_per_s']:>10.1f}{ref['step_s']:>9.3f}{ref['peak_mem_gib']:>9.1f}"

@@ -82,8 +82,8 @@ def instrumented(lcd_models, clock: Clock):
 
 
 def _step(st, batches, lcd_models=None, clock: Clock | None = None) -> float:
-    """One train.train_step (gradient accumulation 1, one process); the loader wait is timed as a part too."""
-    from fastlcm.train import train_step
+    """One training.step.train_step (gradient accumulation 1, one process); the loader wait is timed as a part too."""
+    from fastlcm.training.step import train_step
 
     part = clock.part if clock is not None else None
     with (part("loader_wait") if part else contextlib.nullcontext()):
@@ -100,7 +100,7 @@ def measure(st, batches, args) -> dict:
     losses = []
     cache = None  # what the warm-up's torch.compile starts from: "cold" (nothing cached) or "warm (N files)"
     if st.cfg.compile_unets != "none":
-        from fastlcm.models import compile_cache_state
+        from fastlcm.training.compile import compile_cache_state
 
         cache = compile_cache_state()
     if cuda:

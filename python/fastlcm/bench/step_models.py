@@ -35,44 +35,45 @@ CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=2
                  projection_dim=1280, hidden_act="gelu")  # fmt: skip
 
 
-def build_random_teacher(family: str, workdir: Path):
-    """A models.Teacher of the SD1.5 or SDXL architecture with random weights, in memory, frozen and in eval mode
-    as models.load_teacher leaves it. Tokenizers are the small local test tokenizer; each text encoder's
-    vocab_size is set to its length (the real 49408-token embedding would only add an unused lookup table).
+ARCHITECTURES = {
+    # bench --family: (model family, UNet config, VAE sample size and scaling factor, text encoder configs)
+    "sd15": ("sd", SD15_UNET, 512, 0.18215, (("CLIPTextModel", CLIP_L),)),
+    "sdxl": ("sdxl", SDXL_UNET, 1024, 0.13025, (("CLIPTextModel", CLIP_L), ("CLIPTextModelWithProjection", CLIP_BIGG))),
+}
+
+
+def build_random_teacher(architecture: str, workdir: Path):
+    """A :class:`fastlcm.families.Teacher` of the SD1.5 or SDXL architecture (:data:`ARCHITECTURES`) with random
+    weights, in memory, frozen and in eval mode as a family's ``load`` leaves it. Tokenizers are the small local
+    test tokenizer; each text encoder's vocab_size is set to its length (the real 49408-token embedding would only
+    add an unused lookup table).
 
     Built on the current default device: call it under ``with torch.device("cuda"):`` to initialize the weights
     on the GPU directly (seconds instead of a minute of CPU init for SDXL)."""
     import torch
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig
 
-    from fastlcm import models
+    from fastlcm.families import Teacher, frozen, get_family
     from fastlcm.testing import BOS_TOKEN, EOS_TOKEN, ddim_scheduler, write_clip_tokenizer
 
+    family, unet_config, vae_size, scaling, text_parts = ARCHITECTURES[architecture]
     torch.manual_seed(0)
-    toks = [write_clip_tokenizer(workdir / "tokenizer")]
-    if family == "sdxl":
-        toks.append(write_clip_tokenizer(workdir / "tokenizer_2", pad_token="!"))
-
-    def text_config(tok, arch):
-        return CLIPTextConfig(vocab_size=len(tok), max_position_embeddings=77, bos_token_id=tok.convert_tokens_to_ids(BOS_TOKEN),
-                              eos_token_id=tok.convert_tokens_to_ids(EOS_TOKEN), pad_token_id=tok.pad_token_id, **arch)  # fmt: skip
-
+    toks, encoders = [], []
+    for i, (enc_class, arch) in enumerate(text_parts):
+        tok = write_clip_tokenizer(workdir / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}"),
+                                   **({} if i == 0 else {"pad_token": "!"}))
+        config = CLIPTextConfig(vocab_size=len(tok), max_position_embeddings=77,
+                                bos_token_id=tok.convert_tokens_to_ids(BOS_TOKEN),
+                                eos_token_id=tok.convert_tokens_to_ids(EOS_TOKEN), pad_token_id=tok.pad_token_id,
+                                **arch)  # fmt: skip
+        toks.append(tok)
+        encoders.append(frozen(getattr(transformers, enc_class)(config)))
     sched = DDPMScheduler.from_config(ddim_scheduler("epsilon").config)
-    vae = AutoencoderKL(**SD_VAE, sample_size=512 if family == "sd15" else 1024,
-                        scaling_factor=0.18215 if family == "sd15" else 0.13025)  # fmt: skip
-    if family == "sd15":
-        unet, extra = UNet2DConditionModel(**SD15_UNET), {}
-    else:
-        unet = UNet2DConditionModel(**SDXL_UNET)
-        extra = {"tokenizer_2": toks[1], "text_encoder_2": CLIPTextModelWithProjection(text_config(toks[1], CLIP_BIGG))}
-    text = CLIPTextModel(text_config(toks[0], CLIP_L))
-    for m in (text, vae, unet, extra.get("text_encoder_2")):
-        if m is not None:
-            m.requires_grad_(False)
-            m.eval()
-    fam = "sd" if family == "sd15" else "sdxl"
-    return models.Teacher(fam, unet, vae, text, toks[0], sched, dict(sched.config), **extra)
+    vae = frozen(AutoencoderKL(**SD_VAE, sample_size=vae_size, scaling_factor=scaling))
+    unet = frozen(UNet2DConditionModel(**unet_config))
+    return Teacher(get_family(family), unet, vae, tuple(encoders), tuple(toks), sched, dict(sched.config))
 
 
 def make_shards(resolution: int, batch_size: int):
@@ -129,22 +130,22 @@ class FixedLatentBatch:
 
 
 def fixed_latent_batch(teacher, batch_size: int, resolution: int, pin: bool) -> FixedLatentBatch:
-    """Random cached latents of the teacher's shapes: posterior mean/std [B, 4, R/8, R/8], prompt embeddings
-    [B, 77, cross_attention_dim] and, for SDXL, pooled embeddings [B, projection_dim]."""
+    """Random cached latents of the teacher's shapes: posterior mean/std [B, C, R/8, R/8] and the family's cached
+    text fields: prompt embeddings [B, 77, cross_attention_dim] and, for SDXL, pooled embeddings [B,
+    projection_dim]."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
     r = resolution // 8
-    ch = teacher.unet.config.in_channels
-    seq = teacher.tokenizer.model_max_length
+    ch = teacher.family.latent_channels
     mean = torch.randn(batch_size, ch, r, r, generator=gen) * 5
     std = torch.rand(batch_size, ch, r, r, generator=gen) * 0.1 + 0.01
-    embeds = torch.randn(batch_size, seq, teacher.unet.config.cross_attention_dim, generator=gen)
-    pooled = None
-    if teacher.text_encoder_2 is not None:
-        pooled = torch.randn(batch_size, teacher.text_encoder_2.config.projection_dim, generator=gen)
+    dims = {"prompt_embeds": (teacher.tokenizer.model_max_length, teacher.unet.config.cross_attention_dim),
+            "pooled_embeds": (teacher.text_encoders[-1].config.projection_dim,)}
+    fields = {name: torch.randn(batch_size, *dims[name], generator=gen) for name in teacher.family.cached_fields}
     sizes = torch.tensor([[resolution, resolution]] * batch_size, dtype=torch.int64)
     pin_ = (lambda t: t.pin_memory()) if pin else (lambda t: t)
-    return FixedLatentBatch(pin_(mean), pin_(std), pin_(embeds), None if pooled is None else pin_(pooled),
+    return FixedLatentBatch(pin_(mean), pin_(std), pin_(fields["prompt_embeds"]),
+                            pin_(fields["pooled_embeds"]) if "pooled_embeds" in fields else None,
                             [CAPTION.format(i) for i in range(batch_size)], sizes, torch.zeros_like(sizes),
                             [f"{i:08d}" for i in range(batch_size)])  # fmt: skip

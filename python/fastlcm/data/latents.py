@@ -10,31 +10,28 @@ Latent shard format (one sample per source image; see the README section "Cached
 
 - ``KEY.latent.safetensors``: ``mean`` and ``std`` [4, R/8, R/8] (the VAE posterior of the crop, unscaled),
   ``prompt_embeds`` [77, D], SDXL also ``pooled_embeds`` [1280]; metadata ``format=fastlcm-latents-1``,
-  ``family`` (sd|sdxl), ``resolution``, ``teacher``, ``scaling_factor``.
+  ``family`` (a registered family's name: sd|sdxl), ``resolution``, ``teacher``, ``scaling_factor``.
 - ``KEY.json``: ``caption``, ``original_size`` [h, w], ``crop`` [top, left], ``flipped``, ``resolution``,
   ``source_shard``, ``source_key``. ``KEY.txt``: the caption.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from fastlcm import _native
-from fastlcm.data.loader import LoaderError, SampleInfo, _check_int, _NativeStream, _parse_json, available_cores
+from fastlcm.data.loader import SampleInfo, _NativeStream, _option_keywords, _parse_json
+from fastlcm.data.options import LoaderOptions, available_cores
+from fastlcm.errors import DecodeError, LatentFormatError, LoaderOptionError
+from fastlcm.families import FAMILIES
 
 FORMAT = "fastlcm-latents-1"
 """Value of the ``format`` metadata key of every latent file this version reads and writes."""
 LATENT_EXT = "latent.safetensors"
-FAMILIES = ("sd", "sdxl")
-
-
-class LatentFormatError(LoaderError):
-    """A latent sample is corrupt, not in the fastlcm format, or not what the loader expects (family,
-    resolution, tensor shapes). The message names the shard and the sample key."""
 
 
 @dataclass
@@ -76,47 +73,43 @@ class _Sample:
 class LatentShardLoader(_NativeStream):
     """Streams latent shards written by ``fastlcm precompute`` into :class:`LatentBatch` objects.
 
-    Arguments mean what they mean for :class:`fastlcm.data.ShardLoader`. ``on_error="skip"`` skips and counts
-    samples whose safetensors member is damaged (``stats()["skipped"]["corrupt_latent"]``) or missing
+    Options mean what they mean for :class:`fastlcm.data.ShardLoader` (the same :class:`LoaderOptions`, run with
+    ``raw=True``; ``resolution``, ``crop``, ``random_flip``, ``dtype`` and ``dct_scaling`` are unused, and
+    ``threads`` defaults to ``min(4, cores)``: the per-sample work is a cheap check). ``on_error="skip"`` skips and
+    counts samples whose safetensors member is damaged (``stats()["skipped"]["corrupt_latent"]``) or missing
     (``missing_latent``); ``"raise"`` raises :class:`LatentFormatError` naming the shard and member. A sample
     that is well-formed but of another format, family or resolution than ``expect_family`` /
     ``expect_resolution`` (or than the first sample, when they are None) is a configuration error: it always
     raises :class:`LatentFormatError` naming the shard and key.
     """
 
-    def __init__(
-        self,
-        shards: str | Sequence[str],
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle_buffer: int = 1000,
-        threads: int | None = None,
-        rank: int | None = None,
-        world_size: int | None = None,
-        resampled: bool = False,
-        epochs: int | None = 1,
-        pin_memory: bool | None = None,
-        on_error: str = "skip",
-        expect_family: str | None = None,
-        expect_resolution: int | None = None,
-    ):
-        specs = self._common_args(shards, batch_size, seed, shuffle_buffer, threads, rank, world_size, epochs,
-                                  on_error, pin_memory, default_threads=min(4, available_cores()))  # the raw-mode check is cheap
+    @_option_keywords
+    def __init__(self, shards: str | Sequence[str], batch_size: int, *, expect_family: str | None = None,
+                 expect_resolution: int | None = None, **options: Any):
+        """The keyword arguments besides ``expect_*`` are the fields of :class:`fastlcm.data.LoaderOptions`."""
+        self._setup(shards, LoaderOptions(batch_size=batch_size, **options), expect_family, expect_resolution)
+
+    @classmethod
+    def from_options(cls, shards: str | Sequence[str], options: LoaderOptions, *, expect_family: str | None = None,
+                     expect_resolution: int | None = None) -> LatentShardLoader:
+        """A loader of ``shards`` with ``options`` (run with ``raw=True``, whatever ``options.raw`` says)."""
+        loader = cls.__new__(cls)
+        loader._setup(shards, options, expect_family, expect_resolution)
+        return loader
+
+    def _setup(self, shards: Any, options: LoaderOptions, expect_family: str | None,
+               expect_resolution: int | None) -> None:
         if expect_family is not None and expect_family not in FAMILIES:
-            raise ValueError(f"expect_family must be one of {FAMILIES} or None, got {expect_family!r}")
-        if expect_resolution is not None:
-            _check_int("expect_resolution", expect_resolution, 8)
+            raise LoaderOptionError(f"expect_family must be one of {tuple(FAMILIES)} or None, got {expect_family!r}")
+        if expect_resolution is not None and (isinstance(expect_resolution, bool)
+                                              or not isinstance(expect_resolution, int) or expect_resolution < 8):
+            raise LoaderOptionError(f"expect_resolution must be an int >= 8 or None, got {expect_resolution!r}")
         self.expect_family, self.expect_resolution = expect_family, expect_resolution
         self._layout: dict[str, tuple] | None = None  # tensor shapes of the first sample; every later one must match
         self._layout_from = ""
-        self._native = _native.Loader(
-            specs, self.batch_size, 8, seed=seed & 0xFFFF_FFFF_FFFF_FFFF, shuffle_buffer=shuffle_buffer,
-            threads=self.threads, rank=self.rank, world_size=self.world_size, resampled=bool(resampled),
-            epochs=epochs, crop="random", random_flip=False, dtype="uint8", on_error=on_error,
-            min_original_width=0, min_original_height=0, max_pwatermark=None, max_consecutive_rejections=10000,
-            dct_scaling=False, prefetch_batches=2, http_timeout_s=30.0, http_retries=3, raw=True,
-        )
+        if isinstance(options, LoaderOptions):
+            options = dataclasses.replace(options, raw=True)
+        self._open(shards, options, default_threads=min(4, available_cores()))
 
     def _parse(self, members: dict[str, bytes], raw_json: bytes | None, caption: str, key: str,
                shard: str) -> _Sample:
@@ -133,7 +126,7 @@ class LatentShardLoader(_NativeStream):
                        "(latent shards are written by `fastlcm precompute`)")
         family, res_text = meta.get("family"), meta.get("resolution", "")
         if family not in FAMILIES:
-            raise fail(f"metadata family is {family!r}, expected one of {FAMILIES}")
+            raise fail(f"metadata family is {family!r}, expected one of {tuple(FAMILIES)}")
         if not res_text.isdigit() or int(res_text) % 8 or int(res_text) == 0:
             raise fail(f"metadata resolution {res_text!r} is not a positive multiple of 8")
         resolution = int(res_text)
@@ -149,16 +142,17 @@ class LatentShardLoader(_NativeStream):
             tensors = load(data)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise fail(f"cannot load tensors: {e}") from None
-        need = ["mean", "std", "prompt_embeds"] + (["pooled_embeds"] if family == "sdxl" else [])
+        cached = FAMILIES[family].cached_fields  # the text fields this family's precompute writes
+        need = ["mean", "std", *cached]
         missing = [n for n in need if n not in tensors]
         if missing:
             raise fail(f"missing tensor(s) {missing} (has {sorted(tensors)})")
-        lat = (4, resolution // 8, resolution // 8)
+        lat = (FAMILIES[family].latent_channels, resolution // 8, resolution // 8)
         for name, ok, want in [
             ("mean", tuple(tensors["mean"].shape) == lat, f"{list(lat)}"),
             ("std", tuple(tensors["std"].shape) == lat, f"{list(lat)}"),
             ("prompt_embeds", tensors["prompt_embeds"].ndim == 2, "[tokens, dim]"),
-            ("pooled_embeds", family == "sd" or tensors["pooled_embeds"].ndim == 1, "[dim]"),
+            ("pooled_embeds", "pooled_embeds" not in cached or tensors["pooled_embeds"].ndim == 1, "[dim]"),
         ]:
             if not ok:
                 raise fail(f"tensor {name} has shape {list(tensors[name].shape)}, expected {want}")
@@ -194,10 +188,9 @@ class LatentShardLoader(_NativeStream):
 
     def next_batch(self) -> LatentBatch | None:
         """The next batch, or None at the end of the stream."""
-        self._check_fork()
         try:
             meta = self._native.next_raw_batch()
-        except _native.DecodeError as e:
+        except DecodeError as e:
             raise LatentFormatError(str(e)) from e
         if meta is None:
             self._exhausted = True
@@ -221,7 +214,8 @@ class LatentShardLoader(_NativeStream):
             latent_mean=stack("mean"),
             latent_std=stack("std"),
             prompt_embeds=stack("prompt_embeds"),
-            pooled_embeds=stack("pooled_embeds") if samples[0].family == "sdxl" else None,
+            pooled_embeds=stack("pooled_embeds") if "pooled_embeds" in FAMILIES[samples[0].family].cached_fields
+            else None,
             keys=keys,
             captions=[s.caption for s in samples],
             json=[s.meta_json for s in samples],

@@ -2,30 +2,29 @@
 
 All work (reading shards, grouping, shuffling, decoding, resizing, cropping, normalizing) happens in Rust threads
 with the GIL released; each batch's pixels are written straight into a freshly allocated (optionally pinned)
-torch tensor. See the README section "Data loader" and the contract in the project docs.
+torch tensor, which the Rust side checks (CPU, contiguous, dtype, size) before writing. See the README section
+"Data loader" and the contract in the project docs.
+
+Options are one :class:`fastlcm.data.LoaderOptions` (the keyword arguments of the loaders are its fields, and
+``loader.options`` is the resolved one the loader runs with); the Rust core checks their ranges. A loader belongs to
+the process that created it: used after a fork it raises :class:`fastlcm.errors.LoaderError` (the core checks).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from fastlcm import _native
-from fastlcm._native import (  # noqa: F401  (re-exported by fastlcm.data)
-    DecodeError,
-    LoaderError,
-    NoDataError,
-    ShardSourceError,
-    TarFormatError,
-    TooManyRejectionsError,
-)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+from fastlcm.data.options import LoaderOptions, available_cores
+from fastlcm.errors import LoaderOptionError, LoaderStateError
 
 
 @dataclass
@@ -59,24 +58,6 @@ class Batch(SampleInfo):
 
     pixels: torch.Tensor
     """[B, 3, R, R] in the loader's dtype: [-1, 1] (uint8: 0..255, not normalized); pinned if pin_memory."""
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _storage_refs(t: torch.Tensor) -> int | None:
@@ -124,66 +105,77 @@ def _parse_json(raw: bytes | None) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask on Linux)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+def _shard_specs(shards: Any) -> list[str]:
+    """A spec string / path, or a sequence of them, as the list of spec strings the core expands."""
+    if isinstance(shards, (str, os.PathLike)):
+        return [os.fspath(shards)]
+    if isinstance(shards, Sequence) and all(isinstance(s, (str, os.PathLike)) for s in shards):
+        return [os.fspath(s) for s in shards]
+    raise LoaderOptionError(f"invalid argument: shards must be a spec string or a list of them, got {shards!r}")
+
+
+def _option_keywords(init: Callable) -> Callable:
+    """Gives ``init(self, ..., **options)`` a signature that lists the :class:`LoaderOptions` fields (but ``raw``,
+    which the class decides) as keywords with their defaults, for ``help()`` and editors; the defaults stay
+    written only in LoaderOptions."""
+    sig = inspect.signature(init)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    taken = {p.name for p in params} | {"raw"}
+    for f in dataclasses.fields(LoaderOptions):
+        if f.name not in taken:
+            default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=f.type))
+    init.__signature__ = sig.replace(parameters=params)
+    return init
 
 
 class _NativeStream:
-    """What both Rust-backed loaders share: argument checks, iteration, fork refusal, resume and stats over a
-    ``fastlcm._native.Loader``. A subclass sets ``self._native`` and implements ``next_batch``."""
+    """What both Rust-backed loaders share: options, iteration, resume and stats over a ``fastlcm._native.Loader``.
+    A subclass calls ``_open`` and implements ``next_batch``."""
 
-    _fork_hint = ""
+    options: LoaderOptions
+    """The options this loader runs with, "auto" values resolved (threads, rank, world_size, pin_memory)."""
 
-    def _common_args(self, shards, batch_size, seed, shuffle_buffer, threads, rank, world_size, epochs, on_error,
-                     pin_memory, default_threads: int) -> list[str]:
-        """Check the arguments both loaders take, set the attributes they share; return the shard specs."""
-        if isinstance(shards, (str, os.PathLike)):
-            specs = [os.fspath(shards)]
-        elif isinstance(shards, Sequence) and shards and all(isinstance(s, (str, os.PathLike)) for s in shards):
-            specs = [os.fspath(s) for s in shards]
-        else:
-            raise ValueError(f"shards must be a spec string or a non-empty list of them, got {shards!r}")
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        _check_int("shuffle_buffer", shuffle_buffer, 0)
-        self.threads = _check_int("threads", default_threads if threads is None else threads, 1)
-        self.rank = _check_int("rank", _env_int("RANK", 0) if rank is None else rank, 0)
-        self.world_size = _check_int("world_size", _env_int("WORLD_SIZE", 1) if world_size is None else world_size, 1)
-        if self.rank >= self.world_size:
-            raise ValueError(f"rank must be < world_size, got rank={self.rank}, world_size={self.world_size}")
-        if epochs is not None:
-            _check_int("epochs", epochs, 1)
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-        if pin_memory is None:
-            pin_memory = torch.cuda.is_available()
-        elif pin_memory and not torch.cuda.is_available():
-            raise ValueError("pin_memory=True needs a CUDA device (torch.cuda.is_available() is False)")
-        self.pin_memory = bool(pin_memory)
-        self._pid = os.getpid()
+    def _open(self, shards: Any, options: LoaderOptions, default_threads: int) -> None:
+        """Resolve the options and create the Rust loader (which checks them)."""
+        if not isinstance(options, LoaderOptions):
+            raise LoaderOptionError(f"invalid argument: options must be a LoaderOptions, got {type(options).__name__}")
+        self.options = options.resolve(default_threads=default_threads, cuda_available=torch.cuda.is_available())
+        self._native = _native.Loader(_shard_specs(shards), self.options)
         self._exhausted = False
-        return specs
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch."""
+        return self.options.batch_size
+
+    @property
+    def threads(self) -> int:
+        """Decode threads."""
+        return self.options.threads
+
+    @property
+    def rank(self) -> int:
+        """This process's rank."""
+        return self.options.rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks."""
+        return self.options.world_size
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether batches are allocated in pinned host memory."""
+        return self.options.pin_memory
 
     @property
     def urls(self) -> list[str]:
         """All shard URLs after brace expansion (before the split across ranks)."""
         return self._native.urls()
 
-    def _check_fork(self) -> None:
-        if os.getpid() != self._pid:
-            raise LoaderError(
-                f"{type(self).__name__} was created in process {self._pid} and used in process {os.getpid()} after "
-                "a fork; its Rust threads do not exist in the child. Create the loader in the process that iterates "
-                f"it{self._fork_hint}."
-            )
-
     def __iter__(self):
-        self._check_fork()
         if self._exhausted:
             self._native.reset()
             self._exhausted = False
@@ -201,14 +193,13 @@ class _NativeStream:
 
     def state_dict(self) -> dict:
         """JSON-serializable position after the last returned batch (plus a fingerprint of the config)."""
-        self._check_fork()
         return json.loads(self._native.state_json())
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume a loader with the same configuration exactly after the last batch its state_dict saw."""
-        self._check_fork()
+        """Resume a loader with the same configuration exactly after the last batch its state_dict saw; a state
+        of another configuration raises :class:`fastlcm.errors.LoaderStateError` naming the differing option."""
         if not isinstance(state, dict):
-            raise ValueError(f"state_dict must be a dict, got {type(state).__name__}")
+            raise LoaderStateError(f"state_dict must be a dict, got {type(state).__name__}")
         self._native.load_state_json(json.dumps(state))
         self._exhausted = False
 
@@ -225,89 +216,42 @@ class ShardLoader(_NativeStream):
     Batches depend only on (shards, seed, rank, world_size, epoch, options), never on ``threads``.
     """
 
-    _fork_hint = " (it needs no DataLoader worker processes)"
+    @_option_keywords
+    def __init__(self, shards: str | Sequence[str], batch_size: int, resolution: int, **options: Any):
+        """``shards``: spec string(s) (brace patterns, ``::`` lists, paths, file://, http(s)://, pipe:CMD).
+        The keyword arguments are the fields of :class:`fastlcm.data.LoaderOptions` (except ``raw``)."""
+        self._setup(shards, LoaderOptions(batch_size=batch_size, resolution=resolution, **options))
 
-    def __init__(
-        self,
-        shards: str | Sequence[str],
-        batch_size: int,
-        resolution: int,
-        *,
-        seed: int = 0,
-        shuffle_buffer: int = 1000,
-        threads: int | None = None,
-        rank: int | None = None,
-        world_size: int | None = None,
-        resampled: bool = False,
-        epochs: int | None = 1,
-        crop: str = "random",
-        random_flip: bool = False,
-        dtype: str = "float32",
-        pin_memory: bool | None = None,
-        on_error: str = "skip",
-        min_original_width: int = 0,
-        min_original_height: int = 0,
-        max_pwatermark: float | None = None,
-        max_consecutive_rejections: int = 10000,
-        dct_scaling: bool = False,
-        prefetch_batches: int = 2,
-        http_timeout_s: float = 30.0,
-        http_retries: int = 3,
-    ):
-        specs = self._common_args(shards, batch_size, seed, shuffle_buffer, threads, rank, world_size, epochs,
-                                  on_error, pin_memory, default_threads=available_cores())
-        self.resolution = _check_int("resolution", resolution, 1)
-        if crop not in ("random", "center"):
-            raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        _check_int("min_original_width", min_original_width, 0)
-        _check_int("min_original_height", min_original_height, 0)
-        if max_pwatermark is not None and not isinstance(max_pwatermark, (int, float)):
-            raise ValueError(f"max_pwatermark must be a number or None, got {max_pwatermark!r}")
-        _check_int("max_consecutive_rejections", max_consecutive_rejections, 1)
-        _check_int("prefetch_batches", prefetch_batches, 1)
-        _check_int("http_retries", http_retries, 0)
-        if not isinstance(http_timeout_s, (int, float)) or not http_timeout_s > 0:
-            raise ValueError(f"http_timeout_s must be > 0, got {http_timeout_s!r}")
-        self.dtype = _DTYPES[dtype]
-        self._pool = None if self.pin_memory else _BufferPool(prefetch_batches + 2)
-        self._native = _native.Loader(
-            specs,
-            self.batch_size,
-            self.resolution,
-            seed=seed & 0xFFFF_FFFF_FFFF_FFFF,
-            shuffle_buffer=shuffle_buffer,
-            threads=self.threads,
-            rank=self.rank,
-            world_size=self.world_size,
-            resampled=bool(resampled),
-            epochs=epochs,
-            crop=crop,
-            random_flip=bool(random_flip),
-            dtype=dtype,
-            on_error=on_error,
-            min_original_width=min_original_width,
-            min_original_height=min_original_height,
-            max_pwatermark=None if max_pwatermark is None else float(max_pwatermark),
-            max_consecutive_rejections=max_consecutive_rejections,
-            dct_scaling=bool(dct_scaling),
-            prefetch_batches=prefetch_batches,
-            http_timeout_s=float(http_timeout_s),
-            http_retries=http_retries,
-        )
+    @classmethod
+    def from_options(cls, shards: str | Sequence[str], options: LoaderOptions) -> ShardLoader:
+        """A loader of ``shards`` with ``options`` (which must have ``raw=False``)."""
+        loader = cls.__new__(cls)
+        loader._setup(shards, options)
+        return loader
+
+    def _setup(self, shards: Any, options: LoaderOptions) -> None:
+        if isinstance(options, LoaderOptions) and options.raw:
+            raise LoaderOptionError("invalid argument: raw=True options are for LatentShardLoader (ShardLoader "
+                                    "decodes images)")
+        self._open(shards, options, default_threads=available_cores())
+        self.dtype: torch.dtype = getattr(torch, self.options.dtype)  # the pixels' dtype (a name the core accepted)
+        self._pool = None if self.pin_memory else _BufferPool(self.options.prefetch_batches + 2)
+
+    @property
+    def resolution(self) -> int:
+        """Output side R."""
+        return self.options.resolution
 
     def next_batch(self) -> Batch | None:
         """The next batch, or None at the end of the stream."""
-        self._check_fork()
         r = self.resolution
         shape = (self.batch_size, 3, r, r)
         if self._pool is None:
             pixels = torch.empty(shape, dtype=self.dtype, pin_memory=True)
         else:
             pixels = self._pool.get(lambda: torch.empty(shape, dtype=self.dtype))
-        # The tensor stays referenced by `pixels` while Rust fills it (GIL released inside).
-        meta = self._native.next_batch(pixels.data_ptr(), pixels.numel() * pixels.element_size())
+        # Rust checks the tensor (CPU, contiguous, dtype, size) and fills it with the GIL released.
+        meta = self._native.next_batch(pixels)
         if meta is None:
             self._exhausted = True
             return None

@@ -1,4 +1,4 @@
-"""`fastlcm make-shards`: write WebDataset tar shards from an image folder or from synthetic images.
+"""`fastlcm make-shards`'s library: write WebDataset tar shards from an image folder or from synthetic images.
 
 Folder mode: every image under ``--images`` (jpg, jpeg, png, webp; recursive, sorted by path) becomes one sample
 ``<key>.<ext>`` with its caption from the side-car ``<stem>.txt`` and, if present, ``<stem>.json``. Image bytes are
@@ -19,37 +19,9 @@ import sys
 import tarfile
 from pathlib import Path
 
+from fastlcm.errors import MakeShardsError
+
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
-
-
-def add_arguments(parser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", metavar="DIR", help="folder of images with side-car <stem>.txt captions")
-    src.add_argument("--synthetic", type=int, metavar="N", help="write N synthetic captioned images instead")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard (default 1000)")
-    parser.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
-    parser.add_argument(
-        "--format",
-        choices=("jpg", "png", "webp"),
-        default=None,
-        help="image format; folder mode re-encodes to it (default: copy bytes as they are), synthetic default jpg",
-    )
-    parser.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality 1-100 (default 90)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (default 0)")
-    parser.add_argument("--min-size", type=int, default=512, help="synthetic: smallest side length in px (512)")
-    parser.add_argument("--max-size", type=int, default=1024, help="synthetic: largest side length in px (1024)")
-    parser.add_argument(
-        "--missing-caption",
-        choices=("error", "skip", "empty"),
-        default="error",
-        help="folder mode, image without <stem>.txt: stop with an error (default), skip it, or use ''",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing shards with the same names")
-
-
-class MakeShardsError(Exception):
-    """A user-facing problem with the input or output of make-shards (the message names the path or flag)."""
 
 
 def _validate(args) -> None:
@@ -209,7 +181,10 @@ def brace_spec(paths: list[Path]) -> str:
     return str(paths[0].parent / f"{stem}-{{00000..{len(paths) - 1:05d}}}.tar")
 
 
-def run(args) -> int:
+def write_shards(args) -> ShardWriter:
+    """Write the shards ``args`` (``fastlcm make-shards``' flags) describe; return the closed writer (its
+    ``paths`` and ``samples``). Raises MakeShardsError (a bad flag or input, naming it) or OSError; a failed run
+    removes what it started writing."""
     writer = None
     try:
         _validate(args)
@@ -226,15 +201,8 @@ def run(args) -> int:
         for key, members in samples:
             writer.add(key, members)
         writer.close()
-    except MakeShardsError as exc:
+    except (MakeShardsError, OSError):
         if writer is not None:
             writer.abort()
-        print(f"fastlcm make-shards: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        if writer is not None:
-            writer.abort()
-        print(f"fastlcm make-shards: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {writer.samples} samples in {len(writer.paths)} shard(s): {brace_spec(writer.paths)}")
-    return 0
+        raise
+    return writer

@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-
-from fastlcm.config import expand_braces  # the flag check and this oracle expand specs the same way
+from braceexpand import braceexpand  # the brace grammar webdataset uses: the reference for the Rust one
 
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
 CAPTION_EXTS = ("text", "txt", "caption")
@@ -43,14 +42,18 @@ _META = re.compile(r"^__[^/]*__($|/)")  # webdataset's skip_meta pattern, matche
 
 
 def expand_shards(shards: str | Sequence[str]) -> list[str]:
-    """A shard spec as webdataset users write it (brace ranges, ``::`` lists, lists of specs) → list of URLs."""
+    """A shard spec as webdataset expands it (split on ``::``, then ``braceexpand`` each part) → list of URLs.
+
+    Each spec of a list is expanded the same way, and empty ``::`` parts are skipped (they name no shard; webdataset
+    would yield an empty URL), as the Rust loader does.
+    """
     if isinstance(shards, (str, Path)):
         shards = [str(shards)]
     out: list[str] = []
     for spec in shards:
         for part in str(spec).split("::"):
             if part:
-                out.extend(expand_braces(part))
+                out.extend(braceexpand(part))
     return out
 
 
@@ -204,7 +207,8 @@ def read_shard(url: str, decode_check: bool = True) -> RefShard:
                 out.skipped["corrupt_image"] += 1
                 continue
         out.samples.append(
-            RefSample(key, url, image_ext, exts[image_ext], decode_caption(exts[caption_ext]), parse_json(exts.get("json")))
+            RefSample(key, url, image_ext, exts[image_ext], decode_caption(exts[caption_ext]),
+                      parse_json(exts.get("json")))
         )
     return out
 

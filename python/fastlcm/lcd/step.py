@@ -2,12 +2,24 @@
 
 :func:`lcd_step` takes a batch of images (or, with ``pixels=None``, a batch of cached VAE posteriors and text
 embeddings from ``fastlcm precompute``) and captions and returns the consistency loss (steps 1–12); the trainer
-does the backward, clipping, optimizer and EMA (steps 13–14). Family-specific pieces (how captions become
-conditioning, extra UNet inputs) live behind :class:`TextConditioner`; randomness behind :class:`Draws`, so tests
-can feed fixed tensors and checkpoints can save the generator state.
+does the backward, clipping, optimizer and EMA (steps 13–14, :mod:`fastlcm.training.step`). Family-specific
+pieces (how captions become conditioning, extra UNet inputs) live behind
+:class:`~fastlcm.lcd.conditioning.TextConditioner`; randomness behind :class:`Draws`, so tests can feed fixed
+tensors and checkpoints can save the generator state.
+
+The step against Algorithm 1 of the LCD paper (Luo et al. 2023), line by line:
+
+- z = E(x): step 1 (or ``fastlcm precompute``, offline, as the paper writes it);
+- θ⁻ ← θ: ``fastlcm.training.models.build_target``;
+- sample (z, c), n ~ U[1, N − k], w ~ U[w_min, w_max]: steps 2, 3, 5 (through :class:`Draws`);
+- z_{t_{n+k}} ~ N(α(t_{n+k}) z, σ²(t_{n+k}) I): step 4;
+- ẑ^{Ψ,w}_{t_n} ← the guided solver step: steps 9–10 (``solver_step`` fuses the guidance with DDIM);
+- L ← d(f_θ(z_{t_{n+k}}, w, c, t_{n+k}), f_θ⁻(ẑ^{Ψ,w}_{t_n}, w, c, t_n)): steps 6–8, 11, 12;
+- θ ← θ − η∇L and θ⁻ ← stopgrad(μθ⁻ + (1 − μ)θ): steps 13–14 (``fastlcm.training.step``).
 
 The elementwise arithmetic (solver, boundary outputs, loss) runs through ``fastlcm.kernels``: Triton on CUDA, and
-on CPU the kernels' torch references, which compose :mod:`fastlcm.lcd.math`.
+on CPU the kernels' torch references, which compose :mod:`fastlcm.lcd.math`. Shapes below: B samples, C latent
+channels, h×w latents (R/8 × R/8 for SD).
 """
 
 from __future__ import annotations
@@ -19,42 +31,16 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from fastlcm.kernels import boundary_output, consistency_loss, solver_step
-from fastlcm.lcd import math as lcm
+from fastlcm.lcd import math as lcd_math
+from fastlcm.lcd.conditioning import Conditioning, TextConditioner
+
+__all__ = ["Conditioning", "Draws", "LCDModels", "LCDSettings", "TextConditioner", "TorchDraws", "encode_latents",
+           "lcd_step", "sample_latents"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # What the step consumes
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Conditioning:
-    """UNet conditioning for a batch: text embeddings, plus added conditioning for families that use it."""
-
-    prompt_embeds: torch.Tensor
-    added: dict[str, torch.Tensor] | None = None
-
-    def cat(self, other: "Conditioning") -> "Conditioning":
-        added = None if self.added is None else {k: torch.cat([v, other.added[k]]) for k, v in self.added.items()}
-        return Conditioning(torch.cat([self.prompt_embeds, other.prompt_embeds]), added)
-
-    def to(self, dtype: torch.dtype) -> "Conditioning":
-        added = None if self.added is None else {k: v.to(dtype) for k, v in self.added.items()}
-        return Conditioning(self.prompt_embeds.to(dtype), added)
-
-    def unet_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"encoder_hidden_states": self.prompt_embeds}
-        if self.added is not None:
-            kw["added_cond_kwargs"] = self.added
-        return kw
-
-
-class TextConditioner(Protocol):
-    """Turns captions into :class:`Conditioning` (SD: one CLIP encoder; SDXL adds a second and time ids)."""
-
-    def encode(self, captions: Sequence[str], batch: Any = None) -> Conditioning: ...
-
-    def unconditional(self, batch_size: int, batch: Any = None) -> Conditioning: ...
 
 
 class Draws(Protocol):
@@ -129,13 +115,6 @@ class LCDSettings:
     then unconditional, as diffusers' script does: the same math, kept for `fastlcm bench step`'s lever ablation."""
 
 
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    index: torch.Tensor
-    w: torch.Tensor
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The step
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,57 +145,60 @@ def lcd_step(
     pixels: torch.Tensor | None,
     captions: Sequence[str],
     models: LCDModels,
-    grid: lcm.SolverGrid,
+    grid: lcd_math.SolverGrid,
     settings: LCDSettings,
     draws: Draws,
     batch: Any = None,
-) -> StepOutput:
+) -> torch.Tensor:
     """Steps 1–12 of the LCD algorithm for one batch; returns the loss (fp32 scalar, grad w.r.t. the student).
 
-    ``pixels=None``: cached latents — ``batch`` carries ``latent_mean`` / ``latent_std`` (the unscaled VAE
-    posterior, on the device) and ``models.text`` reads its cached embeddings (models.PrecomputedConditioner).
+    ``pixels`` [B, 3, R, R] in [-1, 1], or None for cached latents: ``batch`` then carries ``latent_mean`` /
+    ``latent_std`` [B, C, h, w] (the unscaled VAE posterior, on the device) and ``models.text`` reads its cached
+    embeddings (training.models.PrecomputedConditioner).
     """
-    B, ptype, s_ = len(captions) if pixels is None else pixels.shape[0], models.prediction_type, settings
+    B, ptype = len(captions) if pixels is None else pixels.shape[0], models.prediction_type
 
     # 1. z0 = VAE.encode(x).sample() · scaling_factor (or the cached posterior, sampled with the same draw)
+    chunk = settings.vae_encode_batch_size
     if pixels is None:
-        z0 = sample_latents(batch.latent_mean, batch.latent_std, s_.vae_encode_batch_size, models.scaling_factor, draws)
+        z0 = sample_latents(batch.latent_mean, batch.latent_std, chunk, models.scaling_factor, draws)
     else:
-        z0 = encode_latents(models.vae, pixels, s_.vae_encode_batch_size, models.scaling_factor, draws)
+        z0 = encode_latents(models.vae, pixels, chunk, models.scaling_factor, draws)  # [B, C, h, w] fp32
     nd = z0.ndim
 
-    # 2. c = text embedding of the captions; c∅ = the unconditional embedding
+    # 2. c = text embedding of the captions; c∅ = the unconditional embedding (SD: [B, 77, D] each)
     with torch.no_grad():
         c = models.text.encode(captions, batch).to(torch.float32)
         c_null = models.text.unconditional(B, batch).to(torch.float32)
 
-    # 3. i ~ U{0..N-1}; t = τ_i; s = max(t − k, 0)
+    # 3. i ~ U{0..N-1}; t = τ_i; s = max(t − k, 0)                                  (each [B])
     index = draws.grid_index(B, grid.timesteps.shape[0]).to(grid.timesteps.device)
     t, s = grid.t_and_s(index)
 
-    # 4. ε ~ N(0, I); z_t = α_t z0 + σ_t ε
+    # 4. ε ~ N(0, I); z_t = α_t z0 + σ_t ε                                          ([B, C, h, w])
     noise = draws.noise(z0.shape).to(z0.dtype)
     alpha_t, sigma_t = (v.float() for v in grid.alpha_sigma(t))
-    z_t = lcm.per_sample(alpha_t, nd) * z0 + lcm.per_sample(sigma_t, nd) * noise
+    z_t = lcd_math.per_sample(alpha_t, nd) * z0 + lcd_math.per_sample(sigma_t, nd) * noise
 
-    # 5. w ~ U[w_min, w_max]; e(w) = guidance embedding of dimension d (none for LCM-LoRA: d = 0, only the
+    # 5. w ~ U[w_min, w_max] ([B]); e(w) = guidance embedding [B, d] (none for LCM-LoRA: d = 0, only the
     #    teacher's guidance uses w)
-    w = draws.guidance(B, s_.w_min, s_.w_max).float()
-    w_emb = lcm.guidance_embedding(w, s_.guidance_dim) if s_.guidance_dim else None
+    w = draws.guidance(B, settings.w_min, settings.w_max).float()
+    w_emb = lcd_math.guidance_embedding(w, settings.guidance_dim) if settings.guidance_dim else None
 
-    # 6. boundary scalings at t (student) and s (target)
-    c_skip_t, c_out_t = (v.float() for v in lcm.boundary_scalings(t, s_.timestep_scaling))
-    c_skip_s, c_out_s = (v.float() for v in lcm.boundary_scalings(s, s_.timestep_scaling))
+    # 6. boundary scalings at t (student) and s (target)                            (each [B])
+    c_skip_t, c_out_t = (v.float() for v in lcd_math.boundary_scalings(t, settings.timestep_scaling))
+    c_skip_s, c_out_s = (v.float() for v in lcd_math.boundary_scalings(s, settings.timestep_scaling))
 
-    # 8. student: f_θ = c_skip(t)·z_t + c_out(t)·x̂0(student(z_t, t, c, e(w)))
+    # 7. (x̂0 from a model output: inside boundary_output and solver_step, by prediction type)
+    # 8. student: f_θ = c_skip(t)·z_t + c_out(t)·x̂0(student(z_t, t, c, e(w)))       ([B, C, h, w])
     student_out = models.student(z_t, t, timestep_cond=w_emb, **c.unet_kwargs()).sample
     f_theta = boundary_output(student_out, z_t, alpha_t, sigma_t, c_skip_t, c_out_t, ptype)
 
     with torch.no_grad():
-        # 9. teacher: one forward over [c; c∅] at 2B (or two at B), guided x̂0 and ε̂
+        # 9. teacher: one forward over [c; c∅] at 2B (or two at B), guided x̂0 and ε̂   ([2B, C, h, w] out)
         td = models.teacher_dtype
         with models.autocast():
-            if s_.teacher_cfg_batched:
+            if settings.teacher_cfg_batched:
                 teacher_out = models.teacher(
                     torch.cat([z_t, z_t]).to(td), torch.cat([t, t]), **c.cat(c_null).to(td).unet_kwargs()
                 ).sample
@@ -224,7 +206,7 @@ def lcd_step(
                 z_td = z_t.to(td)
                 teacher_out = torch.cat([models.teacher(z_td, t, **cond.to(td).unet_kwargs()).sample
                                          for cond in (c, c_null)])  # fmt: skip
-        # 10. DDIM step: z_s = √ᾱ_prev(i)·x̂0 + √(1 − ᾱ_prev(i))·ε̂
+        # 10. DDIM step: z_s = √ᾱ_prev(i)·x̂0 + √(1 − ᾱ_prev(i))·ε̂                   ([B, C, h, w])
         alpha_prev = grid.alpha_cumprod_prev[index].float()
         z_s = solver_step(teacher_out, z_t, alpha_t, sigma_t, alpha_prev, w, ptype)
 
@@ -234,6 +216,5 @@ def lcd_step(
             target_out = models.target(z_s, s, timestep_cond=w_emb, **c.unet_kwargs()).sample
         f_target = boundary_output(target_out, z_s, alpha_s, sigma_s, c_skip_s, c_out_s, ptype)
 
-    # 12. loss: L2 or pseudo-Huber between f_θ and f⁻
-    loss = consistency_loss(f_theta, f_target.detach(), s_.loss_type, s_.huber_c)
-    return StepOutput(loss=loss, index=index, w=w)
+    # 12. loss: L2 or pseudo-Huber between f_θ and f⁻                               (scalar)
+    return consistency_loss(f_theta, f_target.detach(), settings.loss_type, settings.huber_c)

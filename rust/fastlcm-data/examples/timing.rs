@@ -16,9 +16,8 @@ fn cpu_s() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-use fastlcm_data::decode::{
-    decode_rgb, process, write_chw, DType, DecodeOptions, Scratch, MAX_PIXELS,
-};
+use fastlcm_data::config::{Crop, DType};
+use fastlcm_data::decode::{decode_rgb, process, write_chw, DecodeOptions, Scratch, MAX_PIXELS};
 use fastlcm_data::rng::Rng;
 use fastlcm_data::samples::{select, Filters, Grouper};
 use fastlcm_data::tar::TarReader;
@@ -157,7 +156,7 @@ fn main() {
     for dct in [false, true] {
         let o = DecodeOptions {
             resolution: r,
-            center_crop: false,
+            crop: Crop::Random,
             random_flip: false,
             dct_scaling: dct,
             max_pixels: MAX_PIXELS,

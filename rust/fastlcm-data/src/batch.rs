@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use crate::decode::{write_chw, DType, Placement};
+use crate::config::DType;
+use crate::decode::{write_chw, Placement};
 
 /// One decoded sample waiting for its batch slot.
 #[derive(Debug)]

@@ -12,47 +12,19 @@ use std::sync::OnceLock;
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 
+use crate::config::{Crop, DType};
 use crate::rng::Rng;
 
 /// PIL's `Image.MAX_IMAGE_PIXELS`: larger declared sizes are rejected before any pixel buffer is allocated.
 pub const MAX_PIXELS: u64 = 89_478_485;
-
-/// Output element type of a batch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    BF16,
-    F16,
-    U8,
-}
-
-impl DType {
-    pub fn parse(s: &str) -> Option<DType> {
-        Some(match s {
-            "float32" => DType::F32,
-            "bfloat16" => DType::BF16,
-            "float16" => DType::F16,
-            "uint8" => DType::U8,
-            _ => return None,
-        })
-    }
-
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::BF16 | DType::F16 => 2,
-            DType::U8 => 1,
-        }
-    }
-}
 
 /// Per-image transform options.
 #[derive(Clone, Debug)]
 pub struct DecodeOptions {
     /// Output side R: the short side is resized to R, then an R×R crop is taken.
     pub resolution: u32,
-    /// Center crop instead of a random one.
-    pub center_crop: bool,
+    /// Random or center crop.
+    pub crop: Crop,
     /// Flip horizontally with probability 1/2 (after the crop).
     pub random_flip: bool,
     /// JPEG only: decode at the smallest of 1/2, 1/4, 1/8 DCT scale whose exact scaled short side is still
@@ -325,7 +297,7 @@ pub fn process(
     let r = o.resolution;
     let (w, h, ow, oh) = decode_rgb(data, s, o.dct_scaling.then_some(r), o.max_pixels)?;
     let (nw, nh) = resized_size(ow, oh, r);
-    let (top, left) = if o.center_crop {
+    let (top, left) = if o.crop == Crop::Center {
         ((nh - r) / 2, (nw - r) / 2)
     } else {
         let t = rng.up_to((nh - r) as u64) as u32;

@@ -37,7 +37,7 @@ fn png_bytes(
 fn opts(r: u32) -> DecodeOptions {
     DecodeOptions {
         resolution: r,
-        center_crop: true,
+        crop: Crop::Center,
         random_flip: false,
         dct_scaling: false,
         max_pixels: MAX_PIXELS,
@@ -323,11 +323,8 @@ fn dct_scaled_process_keeps_full_decode_geometry() {
         decode_rgb(&data, &mut s, Some(280), MAX_PIXELS).unwrap(),
         (451, 351, 901, 701)
     );
-    for center in [true, false] {
-        let o = DecodeOptions {
-            center_crop: center,
-            ..opts(280)
-        };
+    for crop in [Crop::Center, Crop::Random] {
+        let o = DecodeOptions { crop, ..opts(280) };
         let (mut full, mut scaled) = (Vec::new(), Vec::new());
         let p1 = process(&data, &mut Rng::new(7), &o, &mut s, &mut full).unwrap();
         let p2 = process(
@@ -351,7 +348,7 @@ fn dct_scaled_process_keeps_full_decode_geometry() {
             / full.len() as f64;
         // The pattern has hard mod-256 wrap edges (worst case for any rescale); the tight quality bound on
         // photo-like images is in tests/test_loader_dct.py.
-        assert!(mad < 6.0, "center {center}: mean abs diff {mad}");
+        assert!(mad < 6.0, "crop {crop:?}: mean abs diff {mad}");
     }
 }
 
@@ -360,7 +357,7 @@ fn crop_is_inside_and_flip_mirrors() {
     let data = jpeg(90, 60);
     let mut s = Scratch::default();
     let o = DecodeOptions {
-        center_crop: false,
+        crop: Crop::Random,
         random_flip: true,
         ..opts(32)
     };

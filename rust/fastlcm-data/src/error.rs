@@ -56,6 +56,10 @@ pub enum Error {
         shard: String,
         reason: String,
     },
+    /// A resume state that cannot be loaded: malformed, of an unknown version, inconsistent, or saved by a
+    /// loader with another configuration (the message starts with `state_dict`).
+    #[error("{0}")]
+    State(String),
     /// Misuse of the loader object itself (e.g. used after fork).
     #[error("{0}")]
     Usage(String),

@@ -10,24 +10,21 @@
 //! sample's `latent.safetensors` member and batches carry every member's bytes instead of pixels.
 
 use std::collections::BTreeMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::batch::{assemble, batch_nbytes, BatchMeta, DecodedSample};
-pub use crate::config::{LoaderConfig, ResumeState};
-use crate::decode::{process, DecodeOptions, Scratch, MAX_PIXELS};
+use crate::config::{LoaderConfig, OnError, ResumeState};
+use crate::decode::{DecodeOptions, MAX_PIXELS};
 use crate::error::{Error, Result};
-use crate::reader::{Done, Event, Outcome, Reader, Work};
-use crate::rng::{derive_seed, stream, Rng};
-use crate::safetensors;
-use crate::shards::expand_specs;
+use crate::reader::{Done, Event, Links, Outcome, Reader, Work};
+use crate::resume::{self, Fingerprint};
+use crate::spec::expand_specs;
 use crate::stats::{add, add_time, Stats};
-
-type Pool = Arc<Mutex<Vec<Vec<u8>>>>;
+use crate::worker::{Pool, Worker};
 
 struct Running {
     stop: Arc<AtomicBool>,
@@ -69,29 +66,9 @@ pub struct Loader {
 }
 
 impl Loader {
+    /// Checks the options (`LoaderConfig::validate`) and expands the shard specs; starts no thread yet.
     pub fn new(cfg: LoaderConfig) -> Result<Self> {
-        let bad = |m: &str| Err(Error::InvalidArgument(m.to_string()));
-        if cfg.batch_size == 0 {
-            return bad("batch_size must be >= 1");
-        }
-        if cfg.resolution == 0 || cfg.resolution > 16384 {
-            return bad("resolution must be in 1..=16384");
-        }
-        if cfg.threads == 0 {
-            return bad("threads must be >= 1");
-        }
-        if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
-            return Err(Error::InvalidArgument(format!(
-                "rank must be in 0..world_size (rank={}, world_size={})",
-                cfg.rank, cfg.world_size
-            )));
-        }
-        if cfg.max_consecutive_rejections == 0 {
-            return bad("max_consecutive_rejections must be >= 1");
-        }
-        if cfg.epochs == Some(0) {
-            return bad("epochs must be >= 1 or None");
-        }
+        cfg.validate()?;
         let urls = expand_specs(&cfg.shards)?;
         if !cfg.resampled && urls.len() < cfg.world_size {
             return Err(Error::NoData(format!(
@@ -146,37 +123,28 @@ impl Loader {
     }
 
     /// Fingerprint of everything the stream depends on (except epochs), stored in state dicts.
-    pub fn fingerprint(&self) -> Vec<(&'static str, u64)> {
-        let c = &self.cfg;
-        let url_hash = derive_seed(
-            &self
-                .urls
-                .iter()
-                .map(|u| derive_seed(&u.bytes().map(u64::from).collect::<Vec<_>>()))
-                .collect::<Vec<_>>(),
-        );
-        let mut fp = vec![
-            ("seed", c.seed),
-            ("batch_size", c.batch_size as u64),
-            ("resolution", c.resolution as u64),
-            ("rank", c.rank as u64),
-            ("world_size", c.world_size as u64),
-            ("shuffle_buffer", c.shuffle_buffer as u64),
-            ("resampled", c.resampled as u64),
-            ("num_shards", self.urls.len() as u64),
-            ("shards_hash", url_hash >> 12), // fits a JSON double exactly
-        ];
-        if c.raw {
-            fp.push(("raw", 1)); // only in raw mode, so image-mode state dicts stay as they were
-        }
-        fp
+    pub fn fingerprint(&self) -> Fingerprint {
+        resume::fingerprint(&self.cfg, &self.urls)
+    }
+
+    /// The resume state after the last returned batch, in the `resume` module's JSON format.
+    pub fn state_json(&self) -> Result<String> {
+        self.check_pid()?;
+        Ok(resume::to_json(&self.state, &self.fingerprint()))
+    }
+
+    /// Loads a state written by `state_json` of a loader with the same fingerprint.
+    pub fn load_state_json(&mut self, text: &str) -> Result<()> {
+        self.check_pid()?;
+        let state = resume::from_json(text, &self.fingerprint())?;
+        self.load_state(state)
     }
 
     /// Sets the position to resume from (stops any running pipeline; the next call restarts there).
     pub fn load_state(&mut self, s: ResumeState) -> Result<()> {
         self.check_pid()?;
         if s.position < s.epoch_start {
-            return Err(Error::InvalidArgument(
+            return Err(Error::State(
                 "state_dict: position is before epoch_start".into(),
             ));
         }
@@ -190,13 +158,14 @@ impl Loader {
         self.load_state(ResumeState::default())
     }
 
+    /// Refuses use in a forked child: the loader's threads (and any lock they held) exist only in the parent.
     fn check_pid(&self) -> Result<()> {
         let now = std::process::id();
         if now != self.pid {
             return Err(Error::Usage(format!(
-                "this ShardLoader was created in process {} and is used in process {now} after a fork; its threads \
-                 do not exist here. Create the loader in the process that iterates it (one loader per training \
-                 process, no DataLoader worker processes needed)",
+                "this loader was created in process {} and is used in process {now} after a fork; its threads do \
+                 not exist here. Create the loader in the process that iterates it (one loader per training \
+                 process; it needs no DataLoader worker processes)",
                 self.pid
             )));
         }
@@ -304,7 +273,7 @@ impl Loader {
                 Outcome::Failed { err, shard } => {
                     let _ = run.tokens.try_send(());
                     add(&self.stats.corrupt_image, 1);
-                    if self.cfg.on_error_raise {
+                    if self.cfg.on_error == OnError::Raise {
                         return Err(err);
                     }
                     run.consecutive_failures += 1;
@@ -360,37 +329,40 @@ impl Loader {
         let work_rx = Arc::new(Mutex::new(work_rx));
         let opts = DecodeOptions {
             resolution: cfg.resolution,
-            center_crop: cfg.center_crop,
+            crop: cfg.crop,
             random_flip: cfg.random_flip,
             dct_scaling: cfg.dct_scaling,
             max_pixels: MAX_PIXELS,
         };
         let mut handles = Vec::new();
         for i in 0..cfg.threads {
-            let raw = cfg.raw;
-            let (rx, tx, stop, stats, pool, opts, seed) = (
-                work_rx.clone(),
-                res_tx.clone(),
-                stop.clone(),
-                self.stats.clone(),
-                self.pool.clone(),
-                opts.clone(),
-                cfg.seed,
-            );
+            let worker = Worker {
+                work: work_rx.clone(),
+                results: res_tx.clone(),
+                stop: stop.clone(),
+                stats: self.stats.clone(),
+                pool: self.pool.clone(),
+                opts: opts.clone(),
+                seed: cfg.seed,
+                raw: cfg.raw,
+            };
             let h = std::thread::Builder::new()
                 .name(format!("fastlcm-decode-{i}"))
-                .spawn(move || decode_worker(rx, tx, stop, stats, pool, opts, seed, raw))
+                .spawn(move || worker.run())
                 .expect("spawn decode thread");
             handles.push(h);
         }
+        let links = Links {
+            stop: stop.clone(),
+            tokens: token_rx,
+            work: work_tx,
+            results: res_tx,
+        };
         let reader = Reader::new(
             cfg.clone(),
             self.urls.clone(),
             self.stats.clone(),
-            stop.clone(),
-            token_rx,
-            work_tx,
-            res_tx,
+            links,
             self.state.clone(),
         );
         handles.push(
@@ -422,103 +394,6 @@ impl Drop for Loader {
             if let Some(r) = self.running.take() {
                 std::mem::forget(r);
             }
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn decode_worker(
-    rx: Arc<Mutex<Receiver<Work>>>,
-    tx: Sender<Done>,
-    stop: Arc<AtomicBool>,
-    stats: Arc<Stats>,
-    pool: Pool,
-    opts: DecodeOptions,
-    seed: u64,
-    raw_mode: bool,
-) {
-    let mut scratch = Scratch::default();
-    loop {
-        let w = {
-            let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
-            match guard.recv() {
-                Ok(w) => w,
-                Err(_) => return,
-            }
-        };
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let t0 = Instant::now();
-        let mut pixels = if raw_mode {
-            Vec::new()
-        } else {
-            pool.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop()
-                .unwrap_or_default()
-        };
-        let mut rng = Rng::from_parts(&[seed, stream::SAMPLE, w.pos]);
-        let mut raw = w.raw;
-        let res = catch_unwind(AssertUnwindSafe(|| {
-            if raw_mode {
-                safetensors::check_sample(&raw)
-            } else {
-                process(&raw.image, &mut rng, &opts, &mut scratch, &mut pixels)
-            }
-        }));
-        let message = match res {
-            Ok(Ok(placement)) => {
-                add_time(&stats.decode_ns, t0.elapsed());
-                let sample = DecodedSample {
-                    key: raw.key,
-                    caption: String::from_utf8_lossy(&raw.caption).into_owned(),
-                    json: raw.json,
-                    shard: raw.shard,
-                    placement,
-                    pixels,
-                    members: std::mem::take(&mut raw.members),
-                };
-                if tx
-                    .send(Done {
-                        seq: w.seq,
-                        out: Outcome::Decoded {
-                            epoch: w.epoch,
-                            pos: w.pos,
-                            ordinal: w.ordinal,
-                            sample,
-                        },
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-                continue;
-            }
-            Ok(Err(m)) => m,
-            Err(_) => {
-                scratch = Scratch::default();
-                "decoder panicked".to_string()
-            }
-        };
-        add_time(&stats.decode_ns, t0.elapsed());
-        let err = Error::Decode {
-            shard: raw.shard.to_string(),
-            member: raw.image_member,
-            offset: raw.image_offset,
-            message,
-        };
-        if tx
-            .send(Done {
-                seq: w.seq,
-                out: Outcome::Failed {
-                    err,
-                    shard: raw.shard.to_string(),
-                },
-            })
-            .is_err()
-        {
-            return;
         }
     }
 }

@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::config::{DType, LoaderConfig, OnError, ResumeState};
 use crate::decode::tests::encode_rgb_jpeg;
-use crate::decode::DType;
-use crate::pipeline::{Loader, LoaderConfig, ResumeState};
+
+use crate::pipeline::Loader;
 use crate::safetensors::tests::file as safetensors_file;
 use crate::tar::build::{tar, Long};
 use crate::Error;
@@ -68,7 +69,8 @@ fn make_shards_with(name: &str, shards: usize, per: usize, latents: bool) -> (Pa
 }
 
 fn cfg(spec: &str, b: usize) -> LoaderConfig {
-    let mut c = LoaderConfig::new(vec![spec.to_string()], b, 16);
+    let mut c = LoaderConfig::new(vec![spec.to_string()], b);
+    c.resolution = 16;
     c.dtype = DType::U8;
     c.shuffle_buffer = 5;
     c.seed = 3;
@@ -183,7 +185,7 @@ fn corrupt_images_are_skipped_or_raised_with_context() {
         ),
         (1, 1)
     );
-    c.on_error_raise = true;
+    c.on_error = OnError::Raise;
     let mut l = Loader::new(c).unwrap();
     let mut buf = vec![0u8; l.batch_nbytes()];
     l.next_batch(&mut buf).unwrap().unwrap();
@@ -439,7 +441,7 @@ fn raw_mode_skips_or_raises_on_bad_latents() {
     assert_eq!(snap["skipped"]["corrupt_latent"], 1, "{snap}");
     assert_eq!(snap["skipped"]["missing_latent"], 1, "{snap}");
     assert!(snap["skipped"].get("missing_caption").is_none());
-    c.on_error_raise = true;
+    c.on_error = OnError::Raise;
     let mut l = Loader::new(c).unwrap();
     let m = l.next_batch(&mut []).unwrap().unwrap();
     assert_eq!(m.captions, vec!["ok"]);
@@ -449,5 +451,53 @@ fn raw_mode_skips_or_raises_on_bad_latents() {
     assert!(
         msg.contains("x.tar") && msg.contains("b.latent.safetensors"),
         "{msg}"
+    );
+}
+
+#[test]
+fn state_json_resumes_and_refuses_another_configuration() {
+    let (_d, spec) = make_shards("state-json", 3, 4);
+    let c = cfg(&spec, 2);
+    let mut l = Loader::new(c.clone()).unwrap();
+    let all = drain(&mut l);
+    let mut l = Loader::new(c.clone()).unwrap();
+    let mut buf = vec![0u8; l.batch_nbytes()];
+    for _ in 0..2 {
+        l.next_batch(&mut buf).unwrap().unwrap();
+    }
+    let text = l.state_json().unwrap();
+    let mut l2 = Loader::new(c.clone()).unwrap();
+    l2.load_state_json(&text).unwrap();
+    assert_eq!(drain(&mut l2), all[2..].to_vec());
+    let mut other = c;
+    other.seed += 1;
+    let err = Loader::new(other)
+        .unwrap()
+        .load_state_json(&text)
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::State(m) if m.contains("different seed")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_missing_local_shard_keeps_its_io_error_kind() {
+    let d = tmpdir("missing");
+    let mut c = cfg(&format!("{}/nope.tar", d.display()), 1);
+    c.on_error = OnError::Raise;
+    let mut l = Loader::new(c).unwrap();
+    let mut buf = vec![0u8; l.batch_nbytes()];
+    let err = l.next_batch(&mut buf).unwrap_err();
+    match &err {
+        Error::Io { shard, source, .. } => {
+            assert!(shard.ends_with("nope.tar"));
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        err.to_string().contains("nope.tar: I/O error at byte 0"),
+        "{err}"
     );
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::batch::DecodedSample;
+use crate::config::{LoaderConfig, OnError, ResumeState};
 use crate::error::Error;
-use crate::pipeline::{LoaderConfig, ResumeState};
 use crate::rng::{stream, Rng};
 use crate::samples::{select, select_raw, Group, Grouper, RawSample, Reject};
 use crate::shards::{epoch_shards, Resampler};
@@ -78,6 +78,18 @@ enum Sink<'a> {
     },
 }
 
+/// What the reader shares with the consumer and the decode threads.
+pub(crate) struct Links {
+    /// Set when the loader stops or restarts.
+    pub stop: Arc<AtomicBool>,
+    /// One token per sample the consumer has room for (bounds the samples in flight).
+    pub tokens: Receiver<()>,
+    /// Samples for the decode threads.
+    pub work: Sender<Work>,
+    /// Events, straight to the consumer.
+    pub results: Sender<Done>,
+}
+
 pub(crate) struct Reader {
     pub cfg: LoaderConfig,
     pub urls: Arc<Vec<String>>,
@@ -97,18 +109,20 @@ pub(crate) struct Reader {
 }
 
 impl Reader {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: LoaderConfig,
         urls: Arc<Vec<String>>,
         stats: Arc<Stats>,
-        stop: Arc<AtomicBool>,
-        tokens: Receiver<()>,
-        work: Sender<Work>,
-        results: Sender<Done>,
+        links: Links,
         start: ResumeState,
     ) -> Self {
         let (pos, resume_at, epoch) = (start.epoch_start, start.position, start.epoch);
+        let Links {
+            stop,
+            tokens,
+            work,
+            results,
+        } = links;
         Reader {
             cfg,
             urls,
@@ -201,7 +215,7 @@ impl Reader {
             let first = match counts.take() {
                 Some(k) if !k.is_empty() => {
                     if k.len() > shards.len() {
-                        return Err(self.fail(Error::InvalidArgument(
+                        return Err(self.fail(Error::State(
                             "state_dict: more shard counts than shards in the epoch".into(),
                         )));
                     }
@@ -250,7 +264,7 @@ impl Reader {
             }
         }
         if self.pos > self.resume_at {
-            return Err(self.fail(Error::InvalidArgument(
+            return Err(self.fail(Error::State(
                 "state_dict is inconsistent (shard counts past its position)".into(),
             )));
         }
@@ -344,7 +358,7 @@ impl Reader {
                 add_time(&self.stats.read_ns, t0.elapsed());
                 add(&self.stats.source_error, 1);
                 add(&self.stats.shards_failed, 1);
-                return if self.cfg.on_error_raise {
+                return if self.cfg.on_error == OnError::Raise {
                     Err(self.fail(e))
                 } else {
                     Ok(0)
@@ -392,7 +406,7 @@ impl Reader {
                         Error::Source { .. } | Error::Io { .. } => add(&self.stats.source_error, 1),
                         _ => add(&self.stats.truncated_tar, 1),
                     }
-                    return if self.cfg.on_error_raise {
+                    return if self.cfg.on_error == OnError::Raise {
                         Err(self.fail(e))
                     } else {
                         Ok(count)

@@ -37,10 +37,11 @@ impl Default for SourceOptions {
 pub fn open(url: &str, opts: &SourceOptions) -> Result<Box<dyn Read + Send>> {
     match locate(url) {
         Location::File(path) => {
-            let f = std::fs::File::open(&path).map_err(|e| Error::Source {
+            // Kept as an I/O error so that its kind (not found, permission denied) reaches the caller.
+            let f = std::fs::File::open(&path).map_err(|source| Error::Io {
                 shard: url.to_string(),
                 offset: 0,
-                message: format!("cannot open file: {e}"),
+                source,
             })?;
             Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
         }

@@ -1,73 +1,263 @@
 //! Thin PyO3 bindings: convert types, release the GIL, map errors. Logic lives in `fastlcm-data`.
+//!
+//! The exception classes are declared once, in Python (`fastlcm.errors`), and bound here with
+//! `import_exception!`; `to_py` is the one mapping of the core's `Error` onto them.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use fastlcm_data::batch::BatchMeta;
+use fastlcm_data::config::seconds;
 use fastlcm_data::samples::Filters;
 use fastlcm_data::source::SourceOptions;
+use fastlcm_data::spec::expand_specs;
 use fastlcm_data::stats::Stats;
-use fastlcm_data::{DType, Error, Loader, LoaderConfig, Poll, ResumeState};
-use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyValueError};
+use fastlcm_data::{DType, Error, Loader, LoaderConfig, Poll};
+use pyo3::exceptions::PyValueError;
+use pyo3::import_exception;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use serde_json::Value;
 
-create_exception!(
-    fastlcm.data,
-    LoaderError,
-    PyException,
-    "Base class of every data-loader failure."
-);
-create_exception!(
-    fastlcm.data,
-    ShardSourceError,
-    LoaderError,
-    "A shard could not be opened or streamed (file, HTTP, pipe)."
-);
-create_exception!(
-    fastlcm.data,
-    TarFormatError,
-    LoaderError,
-    "A shard is not a well-formed tar or ends early."
-);
-create_exception!(
-    fastlcm.data,
-    DecodeError,
-    LoaderError,
-    "An image member could not be decoded."
-);
-create_exception!(
-    fastlcm.data,
-    NoDataError,
-    LoaderError,
-    "Every source failed or nothing decodes."
-);
-create_exception!(
-    fastlcm.data,
-    TooManyRejectionsError,
-    LoaderError,
-    "Too many consecutive samples were skipped."
-);
+import_exception!(fastlcm.errors, LoaderError);
+import_exception!(fastlcm.errors, LoaderOptionError);
+import_exception!(fastlcm.errors, LoaderStateError);
+import_exception!(fastlcm.errors, ShardSourceError);
+import_exception!(fastlcm.errors, ShardNotFoundError);
+import_exception!(fastlcm.errors, ShardPermissionError);
+import_exception!(fastlcm.errors, TarFormatError);
+import_exception!(fastlcm.errors, DecodeError);
+import_exception!(fastlcm.errors, NoDataError);
+import_exception!(fastlcm.errors, TooManyRejectionsError);
+import_exception!(fastlcm.errors, LatentFormatError);
 
+/// The Python exception for a core error (the message is the core's, one line).
 fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
-        Error::InvalidArgument(_) => PyValueError::new_err(msg),
-        Error::Io { .. } | Error::Source { .. } => ShardSourceError::new_err(msg),
+        Error::InvalidArgument(_) => LoaderOptionError::new_err(msg),
+        Error::Io { source, .. } => match source.kind() {
+            std::io::ErrorKind::NotFound => ShardNotFoundError::new_err(msg),
+            std::io::ErrorKind::PermissionDenied => ShardPermissionError::new_err(msg),
+            _ => ShardSourceError::new_err(msg),
+        },
+        Error::Source { .. } => ShardSourceError::new_err(msg),
         Error::Tar { .. } => TarFormatError::new_err(msg),
         Error::Decode { .. } => DecodeError::new_err(msg),
         Error::NoData(_) => NoDataError::new_err(msg),
         Error::TooManyRejections { .. } => TooManyRejectionsError::new_err(msg),
+        Error::State(_) => LoaderStateError::new_err(msg),
         Error::Usage(_) => LoaderError::new_err(msg),
     }
 }
 
-/// The Rust loader behind `fastlcm.data.ShardLoader` (use that class; this one takes resolved arguments).
+// ------------------------------------------------------------------------------------------------------------
+// Options: the attributes of a resolved `fastlcm.data.LoaderOptions` → `LoaderConfig`
+// ------------------------------------------------------------------------------------------------------------
+
+/// A Python int as an unsigned Rust integer (a negative or too large value has no such representation).
+fn unsigned<T: TryFrom<i128>>(ob: &Bound<'_, PyAny>) -> PyResult<T> {
+    let v: i128 = ob.extract()?;
+    T::try_from(v).map_err(|_| {
+        PyValueError::new_err(if v < 0 {
+            format!("must be >= 0, got {v}")
+        } else {
+            format!("is too large: {v}")
+        })
+    })
+}
+
+/// `None` or an unsigned integer.
+fn unsigned_or_none<T: TryFrom<i128>>(ob: &Bound<'_, PyAny>) -> PyResult<Option<T>> {
+    if ob.is_none() {
+        Ok(None)
+    } else {
+        unsigned(ob).map(Some)
+    }
+}
+
+/// Any Python int as a seed: its low 64 bits (so negative and large seeds keep working).
+fn seed_bits(ob: &Bound<'_, PyAny>) -> PyResult<u64> {
+    ob.call_method1("__and__", (u64::MAX,))?.extract()
+}
+
+/// The attributes of `LoaderOptions` after its `None` "auto" values were resolved in Python. Types only:
+/// every range and consistency rule is `LoaderConfig::validate`'s.
+#[derive(FromPyObject)]
+struct Options {
+    #[pyo3(from_py_with = unsigned)]
+    batch_size: usize,
+    #[pyo3(from_py_with = unsigned)]
+    resolution: u32,
+    #[pyo3(from_py_with = seed_bits)]
+    seed: u64,
+    #[pyo3(from_py_with = unsigned)]
+    shuffle_buffer: usize,
+    #[pyo3(from_py_with = unsigned)]
+    threads: usize,
+    #[pyo3(from_py_with = unsigned)]
+    rank: usize,
+    #[pyo3(from_py_with = unsigned)]
+    world_size: usize,
+    resampled: bool,
+    #[pyo3(from_py_with = unsigned_or_none)]
+    epochs: Option<u64>,
+    crop: String,
+    random_flip: bool,
+    dtype: String,
+    on_error: String,
+    #[pyo3(from_py_with = unsigned)]
+    min_original_width: u64,
+    #[pyo3(from_py_with = unsigned)]
+    min_original_height: u64,
+    max_pwatermark: Option<f64>,
+    #[pyo3(from_py_with = unsigned)]
+    max_consecutive_rejections: u64,
+    dct_scaling: bool,
+    #[pyo3(from_py_with = unsigned)]
+    prefetch_batches: usize,
+    http_timeout_s: f64,
+    #[pyo3(from_py_with = unsigned)]
+    http_retries: u32,
+    raw: bool,
+}
+
+impl Options {
+    /// Reads the options object; a failed conversion becomes a one-line `LoaderOptionError` naming the field.
+    fn read(ob: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let py = ob.py();
+        ob.extract().map_err(|e: PyErr| {
+            // pyo3 reports "failed to extract field Options.<name>" with the conversion error as the cause.
+            let what = e.value(py).to_string();
+            let message = match (
+                what.strip_prefix("failed to extract field Options."),
+                e.cause(py),
+            ) {
+                (Some(field), Some(cause)) => format!("{field}: {}", cause.value(py)),
+                _ => format!("options: {what}"),
+            };
+            LoaderOptionError::new_err(format!("invalid argument: {message}"))
+        })
+    }
+
+    fn into_config(self, shards: Vec<String>) -> fastlcm_data::Result<LoaderConfig> {
+        let mut cfg = LoaderConfig::new(shards, self.batch_size);
+        cfg.resolution = self.resolution;
+        cfg.seed = self.seed;
+        cfg.shuffle_buffer = self.shuffle_buffer;
+        cfg.threads = self.threads;
+        cfg.rank = self.rank;
+        cfg.world_size = self.world_size;
+        cfg.resampled = self.resampled;
+        cfg.epochs = self.epochs;
+        cfg.crop = self.crop.parse()?;
+        cfg.random_flip = self.random_flip;
+        cfg.dtype = self.dtype.parse()?;
+        cfg.on_error = self.on_error.parse()?;
+        cfg.filters = Filters {
+            min_original_width: self.min_original_width,
+            min_original_height: self.min_original_height,
+            max_pwatermark: self.max_pwatermark,
+        };
+        cfg.max_consecutive_rejections = self.max_consecutive_rejections;
+        cfg.dct_scaling = self.dct_scaling;
+        cfg.prefetch_batches = self.prefetch_batches;
+        cfg.source = SourceOptions {
+            timeout: seconds("http_timeout_s", self.http_timeout_s)?,
+            retries: self.http_retries,
+            ..Default::default()
+        };
+        cfg.raw = self.raw;
+        Ok(cfg)
+    }
+}
+
+/// A JSON scalar (as the core's option maps hold them) as a Python object.
+fn json_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => b.into_pyobject(py)?.to_owned().into_any(),
+        Value::Number(n) => match n.as_u64() {
+            Some(u) => u.into_pyobject(py)?.into_any(),
+            None => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any(),
+        },
+        Value::String(s) => s.into_pyobject(py)?.into_any(),
+        other => other.to_string().into_pyobject(py)?.into_any(),
+    })
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The batch buffer: a torch tensor, checked here
+// ------------------------------------------------------------------------------------------------------------
+
+/// The address and size of a checked destination tensor.
+struct Destination {
+    ptr: usize,
+    nbytes: usize,
+}
+
+/// Reads and checks the destination of one image batch: a `torch.Tensor` on the CPU, contiguous, of the
+/// loader's dtype and of exactly `nbytes` bytes. Methods are looked up on the type, not the instance, so that
+/// an instance attribute cannot stand in for `data_ptr` and the like.
+fn destination(tensor: &Bound<'_, PyAny>, dtype: DType, nbytes: usize) -> PyResult<Destination> {
+    let bad = |m: String| {
+        Err(LoaderOptionError::new_err(format!(
+            "invalid argument: next_batch: {m}"
+        )))
+    };
+    let ty = tensor.get_type();
+    let (module, name) = (ty.module()?.to_string(), ty.qualname()?.to_string());
+    if module != "torch" || name != "Tensor" {
+        return bad(format!(
+            "the destination must be a torch.Tensor, got {module}.{name}"
+        ));
+    }
+    let call = |method: &str| ty.getattr(method)?.call1((tensor,));
+    let device: String = tensor.getattr("device")?.getattr("type")?.extract()?;
+    if device != "cpu" {
+        return bad(format!(
+            "the tensor is on {device}; a batch is written into CPU memory"
+        ));
+    }
+    let got = tensor.getattr("dtype")?.str()?.to_string();
+    if got != format!("torch.{}", dtype.name()) {
+        return bad(format!(
+            "the tensor has dtype {got}, this loader writes torch.{}",
+            dtype.name()
+        ));
+    }
+    if !call("is_contiguous")?.extract::<bool>()? {
+        return bad("the tensor is not contiguous".into());
+    }
+    let (numel, element) = (
+        call("numel")?.extract::<usize>()?,
+        call("element_size")?.extract::<usize>()?,
+    );
+    let size = numel.saturating_mul(element);
+    if size != nbytes {
+        return bad(format!(
+            "the tensor has {size} bytes, a batch needs {nbytes}"
+        ));
+    }
+    let ptr: usize = call("data_ptr")?.extract()?;
+    if ptr == 0 {
+        return bad("the tensor has no storage".into());
+    }
+    Ok(Destination { ptr, nbytes })
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The loader
+// ------------------------------------------------------------------------------------------------------------
+
+/// The Rust loader behind `fastlcm.data.ShardLoader` and `LatentShardLoader` (use those classes).
 #[pyclass(module = "fastlcm._native", name = "Loader")]
 struct PyLoader {
     inner: Mutex<Loader>,
     stats: Arc<Stats>,
-    fingerprint: Vec<(&'static str, u64)>,
+    dtype: DType,
+    batch_nbytes: usize,
+    raw: bool,
 }
 
 fn lock(m: &Mutex<Loader>) -> MutexGuard<'_, Loader> {
@@ -90,7 +280,7 @@ impl PyLoader {
         &self,
         py: Python<'_>,
         mut poll: impl FnMut(&mut Loader) -> fastlcm_data::Result<Poll> + Send,
-    ) -> PyResult<Option<fastlcm_data::batch::BatchMeta>> {
+    ) -> PyResult<Option<BatchMeta>> {
         loop {
             let polled = py.detach(|| poll(&mut lock(&self.inner)));
             match polled.map_err(to_py)? {
@@ -104,104 +294,20 @@ impl PyLoader {
 
 #[pymethods]
 impl PyLoader {
+    /// A loader of the expanded `shards` with `options` (a resolved `fastlcm.data.LoaderOptions`).
     #[new]
-    #[pyo3(signature = (shards, batch_size, resolution, *, seed, shuffle_buffer, threads, rank, world_size, resampled,
-                        epochs, crop, random_flip, dtype, on_error, min_original_width, min_original_height,
-                        max_pwatermark, max_consecutive_rejections, dct_scaling, prefetch_batches,
-                        http_timeout_s, http_retries, raw=false))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        shards: Vec<String>,
-        batch_size: usize,
-        resolution: u32,
-        seed: u64,
-        shuffle_buffer: usize,
-        threads: usize,
-        rank: usize,
-        world_size: usize,
-        resampled: bool,
-        epochs: Option<u64>,
-        crop: &str,
-        random_flip: bool,
-        dtype: &str,
-        on_error: &str,
-        min_original_width: u64,
-        min_original_height: u64,
-        max_pwatermark: Option<f64>,
-        max_consecutive_rejections: u64,
-        dct_scaling: bool,
-        prefetch_batches: usize,
-        http_timeout_s: f64,
-        http_retries: u32,
-        raw: bool,
-    ) -> PyResult<Self> {
-        let dtype = DType::parse(dtype).ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "dtype must be float32, bfloat16, float16 or uint8, got {dtype:?}"
-            ))
-        })?;
-        let center_crop = match crop {
-            "random" => false,
-            "center" => true,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "crop must be 'random' or 'center', got {other:?}"
-                )))
-            }
-        };
-        let on_error_raise = match on_error {
-            "skip" => false,
-            "raise" => true,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "on_error must be 'skip' or 'raise', got {other:?}"
-                )))
-            }
-        };
-        if !(http_timeout_s.is_finite() && http_timeout_s > 0.0) {
-            return Err(PyValueError::new_err(format!(
-                "http_timeout_s must be > 0, got {http_timeout_s}"
-            )));
-        }
-        let mut cfg = LoaderConfig::new(shards, batch_size, resolution);
-        cfg.seed = seed;
-        cfg.shuffle_buffer = shuffle_buffer;
-        cfg.threads = threads;
-        cfg.rank = rank;
-        cfg.world_size = world_size;
-        cfg.resampled = resampled;
-        cfg.epochs = epochs;
-        cfg.center_crop = center_crop;
-        cfg.random_flip = random_flip;
-        cfg.dtype = dtype;
-        cfg.on_error_raise = on_error_raise;
-        cfg.filters = Filters {
-            min_original_width,
-            min_original_height,
-            max_pwatermark,
-        };
-        cfg.max_consecutive_rejections = max_consecutive_rejections;
-        cfg.dct_scaling = dct_scaling;
-        cfg.prefetch_batches = prefetch_batches;
-        cfg.source = SourceOptions {
-            timeout: Duration::from_secs_f64(http_timeout_s),
-            retries: http_retries,
-            ..Default::default()
-        };
-        cfg.raw = raw;
+    fn new(shards: Vec<String>, options: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let cfg = Options::read(options)?.into_config(shards).map_err(to_py)?;
         let loader = Loader::new(cfg).map_err(to_py)?;
-        let stats = loader.stats_handle();
-        let fingerprint = loader.fingerprint();
+        let c = loader.config();
+        let (dtype, raw) = (c.dtype, c.raw);
         Ok(PyLoader {
+            stats: loader.stats_handle(),
+            batch_nbytes: loader.batch_nbytes(),
             inner: Mutex::new(loader),
-            stats,
-            fingerprint,
+            dtype,
+            raw,
         })
-    }
-
-    /// Bytes the destination buffer of one batch must have.
-    fn batch_nbytes(&self, py: Python<'_>) -> usize {
-        py.detach(|| lock(&self.inner).batch_nbytes())
     }
 
     /// The expanded shard URLs (all ranks).
@@ -209,28 +315,26 @@ impl PyLoader {
         py.detach(|| lock(&self.inner).urls().to_vec())
     }
 
-    /// Fills the buffer at `ptr` (`nbytes` bytes, C-contiguous `[B, 3, R, R]`) with the next batch and returns
-    /// `(keys, captions, json_bytes, original_sizes, crop_coords, flipped, shards)`, or None at the end.
-    /// The caller must keep the buffer alive and unaliased for the duration of the call.
+    /// Writes the next batch into `tensor` (a CPU `torch.Tensor [B, 3, R, R]`, contiguous, of the loader's
+    /// dtype) and returns `(keys, captions, json_bytes, original_sizes, crop_coords, flipped, shards)`, or None
+    /// at the end.
     fn next_batch<'py>(
         &self,
         py: Python<'py>,
-        ptr: usize,
-        nbytes: usize,
+        tensor: &Bound<'py, PyAny>,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        if ptr == 0 {
-            return Err(PyValueError::new_err("destination pointer is null"));
+        if self.raw {
+            return Err(to_py(Error::Usage(
+                "next_batch needs a loader with raw=False; a raw loader yields next_raw_batch()"
+                    .into(),
+            )));
         }
+        let Destination { ptr, nbytes } = destination(tensor, self.dtype, self.batch_nbytes)?;
         let meta = self.poll_until_batch(py, |l| {
-            if nbytes != l.batch_nbytes() {
-                return Err(Error::InvalidArgument(format!(
-                    "destination has {nbytes} bytes, a batch needs {}",
-                    l.batch_nbytes()
-                )));
-            }
-            // SAFETY: the Python wrapper passes `tensor.data_ptr()` of a freshly allocated contiguous tensor of
-            // exactly `nbytes` bytes that it keeps referenced (so alive) and does not touch until this call
-            // returns; nothing else holds a Rust reference to that memory.
+            // SAFETY: `destination` checked that `tensor` is a CPU torch.Tensor whose contiguous storage holds
+            // exactly `nbytes` bytes from `ptr`. `tensor` is borrowed for this whole call, so that storage stays
+            // alive; the caller (ShardLoader) allocated the tensor for this batch and no other code has it yet,
+            // so nothing reads, writes or resizes it while the GIL is released. No Rust reference to it exists.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, nbytes) };
             l.poll_batch(dst, Duration::from_millis(200))
         })?;
@@ -252,14 +356,13 @@ impl PyLoader {
     /// Raw mode: the next batch as `(keys, captions, json_bytes, members, shards)` where `members` holds one
     /// `{extension: bytes}` dict per sample, or None at the end.
     fn next_raw_batch<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let meta = self.poll_until_batch(py, |l| {
-            if !l.config().raw {
-                return Err(Error::Usage(
-                    "next_raw_batch needs a loader created with raw=True".into(),
-                ));
-            }
-            l.poll_batch(&mut [], Duration::from_millis(200))
-        })?;
+        if !self.raw {
+            return Err(to_py(Error::Usage(
+                "next_raw_batch needs a loader created with raw=True".into(),
+            )));
+        }
+        let meta =
+            self.poll_until_batch(py, |l| l.poll_batch(&mut [], Duration::from_millis(200)))?;
         let Some(m) = meta else { return Ok(None) };
         let members = PyList::empty(py);
         for sample in &m.members {
@@ -280,78 +383,15 @@ impl PyLoader {
     }
 
     /// Resume state as a JSON string (position + a fingerprint of the stream-defining options).
-    fn state_json(&self, py: Python<'_>) -> String {
-        let s = py.detach(|| lock(&self.inner).state().clone());
-        let mut obj = serde_json::json!({
-            "version": 1,
-            "epoch": s.epoch,
-            "epoch_start_position": s.epoch_start,
-            "position": s.position,
-            "batches_yielded": s.batches,
-            "finished": s.finished,
-            "shard_counts": s.shard_counts,
-        });
-        let fp: serde_json::Map<String, serde_json::Value> = self
-            .fingerprint
-            .iter()
-            .map(|(k, v)| (k.to_string(), (*v).into()))
-            .collect();
-        obj["config"] = fp.into();
-        obj.to_string()
+    fn state_json(&self, py: Python<'_>) -> PyResult<String> {
+        py.detach(|| lock(&self.inner).state_json()).map_err(to_py)
     }
 
     /// Loads a state produced by `state_json` of a loader with the same configuration.
     fn load_state_json(&self, py: Python<'_>, text: &str) -> PyResult<()> {
-        let v: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| PyValueError::new_err(format!("state_dict is not valid: {e}")))?;
-        if v.get("version").and_then(|x| x.as_u64()) != Some(1) {
-            return Err(PyValueError::new_err(
-                "state_dict: unknown or missing 'version' (expected 1)",
-            ));
-        }
-        for (k, want) in &self.fingerprint {
-            let got = v
-                .get("config")
-                .and_then(|c| c.get(*k))
-                .and_then(|x| x.as_u64());
-            if got != Some(*want) {
-                return Err(PyValueError::new_err(format!(
-                    "state_dict was saved by a loader with a different {k} ({}) than this one ({want}); resume needs the same configuration",
-                    got.map(|g| g.to_string()).unwrap_or_else(|| "missing".into())
-                )));
-            }
-        }
-        let field = |k: &str| {
-            v.get(k)
-                .and_then(|x| x.as_u64())
-                .ok_or_else(|| PyValueError::new_err(format!("state_dict: missing integer '{k}'")))
-        };
-        let s = ResumeState {
-            epoch: field("epoch")?,
-            epoch_start: field("epoch_start_position")?,
-            position: field("position")?,
-            batches: field("batches_yielded")?,
-            finished: v.get("finished").and_then(|x| x.as_bool()).unwrap_or(false),
-            shard_counts: match v.get("shard_counts") {
-                None | Some(serde_json::Value::Null) => Vec::new(),
-                Some(serde_json::Value::Array(a)) => a
-                    .iter()
-                    .map(|x| {
-                        x.as_u64().ok_or_else(|| {
-                            PyValueError::new_err(
-                                "state_dict: shard_counts must be a list of non-negative ints",
-                            )
-                        })
-                    })
-                    .collect::<PyResult<Vec<u64>>>()?,
-                Some(_) => {
-                    return Err(PyValueError::new_err(
-                        "state_dict: shard_counts must be a list",
-                    ))
-                }
-            },
-        };
-        py.detach(|| lock(&self.inner).load_state(s)).map_err(to_py)
+        let text = text.to_owned();
+        py.detach(|| lock(&self.inner).load_state_json(&text))
+            .map_err(to_py)
     }
 
     /// Start over from the beginning (used when iterating again after the end).
@@ -365,19 +405,59 @@ impl PyLoader {
     }
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// Functions
+// ------------------------------------------------------------------------------------------------------------
+
 /// Version of the Rust core (`fastlcm-data`).
 #[pyfunction]
 fn core_version() -> &'static str {
     fastlcm_data::VERSION
 }
 
+/// One spec string or a list of them.
+#[derive(FromPyObject)]
+enum Specs {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The shard URLs a spec (or a list of specs) expands to, exactly as a loader expands them.
+#[pyfunction]
+fn expand_shards(spec: Specs) -> PyResult<Vec<String>> {
+    let specs = match spec {
+        Specs::One(s) => vec![s],
+        Specs::Many(v) => v,
+    };
+    expand_specs(&specs).map_err(to_py)
+}
+
+/// The core's default of every option except `batch_size`, by `LoaderOptions` field name.
+#[pyfunction]
+fn loader_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, v) in LoaderConfig::new(Vec::new(), 1).options_json() {
+        d.set_item(k, json_to_py(py, &v)?)?;
+    }
+    Ok(d)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_function(wrap_pyfunction!(core_version, m)?)?;
+    m.add_function(wrap_pyfunction!(expand_shards, m)?)?;
+    m.add_function(wrap_pyfunction!(loader_defaults, m)?)?;
     m.add_class::<PyLoader>()?;
     m.add("LoaderError", py.get_type::<LoaderError>())?;
+    m.add("LoaderOptionError", py.get_type::<LoaderOptionError>())?;
+    m.add("LoaderStateError", py.get_type::<LoaderStateError>())?;
     m.add("ShardSourceError", py.get_type::<ShardSourceError>())?;
+    m.add("ShardNotFoundError", py.get_type::<ShardNotFoundError>())?;
+    m.add(
+        "ShardPermissionError",
+        py.get_type::<ShardPermissionError>(),
+    )?;
     m.add("TarFormatError", py.get_type::<TarFormatError>())?;
     m.add("DecodeError", py.get_type::<DecodeError>())?;
     m.add("NoDataError", py.get_type::<NoDataError>())?;
@@ -385,5 +465,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "TooManyRejectionsError",
         py.get_type::<TooManyRejectionsError>(),
     )?;
+    m.add("LatentFormatError", py.get_type::<LatentFormatError>())?;
     Ok(())
 }

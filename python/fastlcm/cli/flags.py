@@ -1,4 +1,5 @@
-"""TrainConfig from TOML files, packaged presets and command-line flags (one flag per field, diffusers' names).
+"""`fastlcm train`'s flags: TrainConfig from TOML files, packaged presets and command-line flags (one flag per
+field, diffusers' names, the field's docstring as its help, its ``Literal`` type as its choices).
 
 Precedence: the dataclass defaults ← ``--config FILE_OR_PRESET`` ← flags given on the command line.
 """
@@ -15,9 +16,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from fastlcm.config import CHOICES, ConfigError, TrainConfig
+from fastlcm.config import TrainConfig, field_choices, scalar_type
+from fastlcm.errors import ConfigError
 
-PRESETS_DIR = Path(__file__).parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
 
 
 def field_docs() -> dict[str, str]:
@@ -51,7 +53,7 @@ def read_toml(source: str | os.PathLike) -> dict[str, Any]:
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"--config {path}: unknown key {key!r}")
-        want = _scalar_type(known[key])
+        want = scalar_type(key)
         if want is list:
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         elif want is float:
@@ -60,21 +62,17 @@ def read_toml(source: str | os.PathLike) -> dict[str, Any]:
             ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
         if not ok:
             raise ConfigError(f"--config {path}: key {key!r} must be {want.__name__}, got {value!r}")
-    return {k: float(v) if _scalar_type(known[k]) is float else v for k, v in data.items()}
-
-
-def _scalar_type(f: dataclasses.Field) -> type:
-    t = str(f.type).replace(" | None", "")
-    return {"str": str, "int": int, "float": float, "bool": bool, "list[str]": list}[t]
+    return {k: float(v) if scalar_type(k) is float else v for k, v in data.items()}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field. Defaults are suppressed so only flags actually given override the config file."""
-    docs = field_docs()
+    docs, choices = field_docs(), field_choices()
     parser.add_argument("--config", default=None, metavar="FILE_OR_PRESET",
-                        help=f"TOML file with the same keys as the flags, or a preset ({', '.join(preset_names())}); flags override it")
+                        help=f"TOML file with the same keys as the flags, or a preset ({', '.join(preset_names())}); "
+                             "flags override it")
     for f in fields(TrainConfig):
-        t = _scalar_type(f)
+        t = scalar_type(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{docs.get(f.name, '')} (default: {default})"
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_text)
@@ -83,7 +81,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif t is list:
             parser.add_argument(f"--{f.name}", nargs="+", metavar="TEXT", **kw)
         else:
-            parser.add_argument(f"--{f.name}", type=t, choices=CHOICES.get(f.name), **kw)
+            parser.add_argument(f"--{f.name}", type=t, choices=choices.get(f.name), **kw)
 
 
 def from_args(args: argparse.Namespace) -> TrainConfig:
@@ -97,7 +95,12 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def load_config(argv: list[str]) -> TrainConfig:
-    """Parse ``fastlcm train`` arguments into a validated config (for tests and scripts)."""
+    """Parse ``fastlcm train`` arguments into a config as ``fastlcm train`` runs it: validated, checked against the
+    teacher, shards and installed packages (preflight), with the family's defaults filled (for tests and scripts)."""
+    from fastlcm.training.preflight import preflight  # imports torch (the families): only when a config is loaded
+
     parser = argparse.ArgumentParser(prog="fastlcm train")
     add_config_arguments(parser)
-    return from_args(parser.parse_args(argv)).validate()
+    cfg = from_args(parser.parse_args(argv)).validate()
+    family = preflight(cfg)  # None for a Hub id: its family is read when the run starts
+    return cfg if family is None else cfg.with_family_defaults(family)

@@ -1,8 +1,8 @@
 """Train the tiny text-to-image teacher shipped in ``fastlcm/assets/tiny_teacher`` (and the caption classifier).
 
-``python -m fastlcm.demo_teacher --out DIR [--vae-steps N] [--unet-steps N] [--classifier-steps N]``
+``python -m fastlcm.demo.teacher --out DIR [--vae-steps N] [--unet-steps N] [--classifier-steps N]``
 
-Three stages on the procedural set (:mod:`fastlcm.procedural`), all on CPU in a few tens of minutes:
+Three stages on the procedural set (:mod:`fastlcm.demo.procedural`), all on CPU in a few tens of minutes:
 
 1. AutoencoderKL, 4 blocks (8× downsampling as in SD: 64 px ↔ 8×8×4 latents), trained as a plain autoencoder
    on the posterior mean (MSE + 0.1 L1), then its posterior log-variance is pinned at −12 so ``encode().sample()``
@@ -191,7 +191,7 @@ def train_vae(vae, images, cfg: TeacherConfig, log):
     vae.eval().requires_grad_(False)
 
 
-def encode_latents(vae, images, batch: int = 256):
+def posterior_moments(vae, images, batch: int = 256):
     """(means, stds) of the latent posterior, unscaled."""
     import torch
 
@@ -253,7 +253,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, cfg: TeacherCon
 
 def latent_dataset(vae, cfg: TeacherConfig, scaling_factor: float, images):
     """Scaled latents of every image (the posterior mean; its std is fixed near zero)."""
-    mean, _ = encode_latents(vae, images)
+    mean, _ = posterior_moments(vae, images)
     return mean * scaling_factor
 
 
@@ -261,7 +261,7 @@ def train_and_save_classifier(out: Path, cfg: TeacherConfig, log) -> dict:
     """Train the caption classifier, save ``out/caption_classifier.safetensors``; return held-out accuracy."""
     import torch
 
-    from fastlcm.procedural import agreement, classify, procedural_batch, save_classifier, train_classifier
+    from fastlcm.demo.procedural import agreement, classify, procedural_batch, save_classifier, train_classifier
 
     torch.set_num_threads(cfg.threads)
     clf = train_classifier(steps=cfg.classifier_steps, batch_size=cfg.batch_size, seed=cfg.seed, log=log)
@@ -278,12 +278,13 @@ def teacher_grid(teacher: str | Path, out_png: str | Path, columns: int = 10, gu
     import numpy as np
     import torch
 
-    from fastlcm.evaluate import EvalConfig, Teacher, ddim_sample, eval_prompts, save_grid
-    from fastlcm.procedural import render
+    from fastlcm.demo.procedural import render
+    from fastlcm.sampling.evaluate import EvalTeacher, ddim_sample, eval_prompts, save_grid
+    from fastlcm.sampling.options import EvalConfig
 
-    t = Teacher(teacher)
+    t = EvalTeacher(teacher)
     prompts, labels = eval_prompts(columns, seed)
-    cond, uncond = t.encode(prompts), t.encode([""] * columns)
+    cond, uncond = t.encode(prompts), t.unconditional(columns)
     rows = [np.stack([render(lab) for lab in labels])]
     s = t.latent_size
     for k in range(2):
@@ -299,7 +300,7 @@ def train_teacher(out: str | Path, cfg: TeacherConfig | None = None, log=print) 
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from fastlcm.procedural import procedural_batch, to_model_input, write_caption_tokenizer
+    from fastlcm.demo.procedural import procedural_batch, to_model_input, write_caption_tokenizer
 
     cfg = cfg or TeacherConfig()
     torch.set_num_threads(cfg.threads)
@@ -316,7 +317,7 @@ def train_teacher(out: str | Path, cfg: TeacherConfig | None = None, log=print) 
         f"unet {sum(p.numel() for p in unet.parameters())/1e6:.2f}M")
 
     train_vae(vae, images, cfg, log)
-    mean, _ = encode_latents(vae, images)
+    mean, _ = posterior_moments(vae, images)
     scaling = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scaling)
     with torch.no_grad():
@@ -354,7 +355,7 @@ def train_teacher(out: str | Path, cfg: TeacherConfig | None = None, log=print) 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = TeacherConfig()
-    p = argparse.ArgumentParser(prog="python -m fastlcm.demo_teacher", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastlcm.demo.teacher", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder (tiny_teacher/ + classifier)")
     p.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     p.add_argument("--unet-steps", type=int, default=defaults.unet_steps)

@@ -309,11 +309,11 @@ def load_classifier(path: str | os.PathLike | None = None):
 
     path = Path(path) if path is not None else ASSETS / "caption_classifier.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"caption classifier weights not found: {path} (train with python -m fastlcm.demo_teacher)")
+        raise FileNotFoundError(f"caption classifier weights not found: {path} (train with python -m fastlcm.demo.teacher)")
     model = build_classifier()
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return model.eval()
 
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TINY_TEACHER = ASSETS / "tiny_teacher"

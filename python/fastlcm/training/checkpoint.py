@@ -2,7 +2,8 @@
 
 A checkpoint is ``<output_dir>/checkpoint-<step>/`` holding:
   * Accelerate's state (student weights, optimizer, LR scheduler, torch/numpy/python RNG per process);
-  * ``unet_target/`` — the EMA target in diffusers format (usable on its own; full distillation only);
+  * ``unet_target/`` — the EMA target in diffusers format, with its sampler settings (``fastlcm.json``): usable
+    on its own by ``fastlcm generate`` / ``eval`` (full distillation only);
   * LCM-LoRA: ``unet_lora/`` holds only the adapters (diffusers LoRA file + PEFT folder) instead of the student
     weights — the frozen base UNet is never written (see :func:`register_lora_state_hooks`);
   * ``rank<R>.pt`` — per process: the loader's ``state_dict()``, the step's generator state, the caption-drop RNG;
@@ -21,13 +22,11 @@ from typing import Any
 
 import torch
 
+from fastlcm.errors import CheckpointError
+from fastlcm.training.lora import CHECKPOINT_DIR as LORA_DIR
+
 STATE_FILE = "fastlcm_state.json"
-LORA_DIR = "unet_lora"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be found or does not match this run."""
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -55,8 +54,9 @@ def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, target, per_rank: dict[str, Any],
-                    meta: dict[str, Any], total_limit: int | None) -> Path:
-    """Write checkpoint-<step> atomically (collective: every process calls it). Returns the final path."""
+                    meta: dict[str, Any], total_limit: int | None, lcm=None) -> Path:
+    """Write checkpoint-<step> atomically (collective: every process calls it). Returns the final path.
+    ``lcm``: the run's :class:`~fastlcm.sampling.scheduler.LCMSettings`, saved beside ``unet_target/``'s weights."""
     root = Path(output_dir)
     tmp, final = root / f".checkpoint-{step}.tmp", root / f"checkpoint-{step}"
     if accelerator.is_main_process:
@@ -69,6 +69,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, target, per_
     if accelerator.is_main_process:
         if target is not None:
             target.save_pretrained(tmp / "unet_target")
+            if lcm is not None:
+                lcm.save(tmp / "unet_target")
         info = {"step": step, "world_size": accelerator.num_processes, **meta}
         (tmp / STATE_FILE).write_text(json.dumps(info, indent=1))
         old = root / f".checkpoint-{step}.old"
@@ -103,24 +105,3 @@ def load_checkpoint(accelerator, path: Path, target) -> tuple[dict[str, Any], di
     per_rank = torch.load(path / f"rank{accelerator.process_index}.pt", weights_only=False)
     return meta, per_rank
 
-
-def register_lora_state_hooks(accelerator, unet, family: str) -> None:
-    """Make Accelerate's save_state/load_state handle a LoRA student by its adapters only.
-
-    Save: the adapters go to ``<checkpoint>/unet_lora`` (main process) and the full UNet state dict is dropped
-    from what Accelerate writes. Load: the adapters are read back into ``unet``; Accelerate loads no weights.
-    Optimizer, scheduler and RNG states are saved and loaded as usual.
-    """
-    from fastlcm.export import load_lora_state, save_lora
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            save_lora(accelerator.unwrap_model(unet), family, Path(output_dir) / LORA_DIR)
-        weights.clear()
-
-    def load_hook(models, input_dir):
-        load_lora_state(accelerator.unwrap_model(unet), Path(input_dir) / LORA_DIR)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,8 +1,9 @@
-"""`fastlcm precompute`: encode image shards once into latent shards (VAE posterior + text embeddings).
+"""`fastlcm precompute`'s library: encode image shards once into latent shards (VAE posterior + text embeddings).
 
 Reads the images with :class:`fastlcm.data.ShardLoader` (one pass, no shuffle: deterministic; the crop and flip
 of each image come from ``--seed`` and its stream position, as in training), encodes each crop's VAE posterior
-(mean, std — unscaled) and the caption's text embeddings with the teacher's own encoders, and writes WebDataset
+(mean, std — unscaled) and the caption's text embeddings (the family's ``cached_fields``) with the teacher's own
+encoders, placed as training places them (:meth:`fastlcm.families.Family.place`), and writes WebDataset
 shards that :class:`fastlcm.data.LatentShardLoader` reads and ``fastlcm train --precomputed_latents`` trains on
 without running the VAE or the text encoders. Format: :mod:`fastlcm.data.latents`.
 
@@ -13,17 +14,18 @@ reads its share of the source shards and writes ``r{rank:03d}-{i:05d}.tar``; ran
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from fastlcm.config import ConfigError
+import torch
+
 from fastlcm.data.make_shards import ShardWriter
+from fastlcm.errors import ConfigError
+from fastlcm.families import ModelSource, check_location, detect
 
 LATENT_DTYPES = ("float16", "float32", "bfloat16")
 MANIFEST = "precompute.json"
@@ -80,53 +82,10 @@ class PrecomputeOptions:
             raise ConfigError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"--device must be cuda or cpu, got {self.device!r}")
-        from fastlcm.config import _check_model_location
-
-        _check_model_location("--teacher", self.teacher)
+        check_location("--teacher", self.teacher)
         if self.vae:
-            _check_model_location("--vae", self.vae)
+            check_location("--vae", self.vae)
         return self
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True, metavar="DIR", help="teacher diffusers folder or Hub id")
-    parser.add_argument("--shards", required=True, metavar="SPEC", help="source image shards (brace spec, URL, ...)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder for the latent shards")
-    parser.add_argument("--resolution", type=int, default=None, help="crop size (default: teacher sample_size*8)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per encoder forward (default 32)")
-    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per output shard (1000)")
-    parser.add_argument("--latent-dtype", choices=LATENT_DTYPES, default="float16", help="stored dtype (float16)")
-    parser.add_argument("--center-crop", action="store_true", help="center crop instead of random crop")
-    parser.add_argument("--random-flip", action="store_true", help="random horizontal flip before encoding")
-    parser.add_argument("--threads", type=int, default=None, help="image decode threads (default: all CPUs)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
-                        help="encoder dtype (default no = fp32)")
-    parser.add_argument("--max-samples", type=int, default=None, help="stop after N samples per process")
-    parser.add_argument("--seed", type=int, default=0, help="seed of crops and flips (default 0)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run's output in --out")
-    parser.add_argument("--vae", default=None, metavar="DIR", help="VAE to use instead of the teacher's")
-
-
-def run(args: argparse.Namespace) -> int:
-    opts = PrecomputeOptions(
-        teacher=args.teacher, shards=args.shards, out=args.out, resolution=args.resolution,
-        batch_size=args.batch_size, samples_per_shard=args.samples_per_shard, latent_dtype=args.latent_dtype,
-        center_crop=args.center_crop, random_flip=args.random_flip, threads=args.threads, device=args.device,
-        mixed_precision=args.mixed_precision, max_samples=args.max_samples, seed=args.seed,
-        overwrite=args.overwrite, vae=args.vae)
-    from fastlcm.data import LoaderError
-
-    try:
-        manifest = precompute(opts)
-    except (ConfigError, LoaderError, FileExistsError) as e:
-        print(f"fastlcm precompute: error: {e}", file=sys.stderr)
-        return 1
-    if manifest is not None:
-        print(f"wrote {manifest['count']} samples in {len(manifest['shards'])} shard(s) to {opts.out}")
-        print(f"train with: fastlcm train ... --train_shards_path_or_url '{manifest['spec']}' --precomputed_latents "
-              f"--resolution {manifest['resolution']}")
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -135,59 +94,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 class Encoder:
-    """The teacher's VAE and text conditioner (no UNet is loaded)."""
+    """The teacher's VAE and text conditioner (no UNet is loaded), placed as training places them."""
 
     def __init__(self, opts: PrecomputeOptions, device):
-        import torch
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        from fastlcm import models
-        from fastlcm.config import TrainConfig
-
         self.device = torch.device(device)
-        cfg = TrainConfig(pretrained_teacher_model=opts.teacher)
+        source = ModelSource(opts.teacher, vae=opts.vae)
         try:
-            self.family = models.detect_family(cfg)
-        except OSError as e:
-            raise ConfigError(f"--teacher: cannot read {opts.teacher}: {e}") from e
-        src = dict(pretrained_model_name_or_path=opts.teacher)
+            self.family = detect(source)
+        except ConfigError as e:
+            raise type(e)(f"--teacher {e}") from None
         if opts.resolution is None:
-            from diffusers import UNet2DConditionModel
-
-            opts.resolution = int(UNet2DConditionModel.load_config(subfolder="unet", **src)["sample_size"]) * 8
+            opts.resolution = self.family.native_resolution(source)
         self.resolution = opts.resolution
-        vae = AutoencoderKL.from_pretrained(opts.vae) if opts.vae else AutoencoderKL.from_pretrained(
-            subfolder="vae", **src)
-        text = CLIPTextModel.from_pretrained(subfolder="text_encoder", **src)
-        extra = {}
-        if self.family == "sdxl":
-            extra = dict(tokenizer_2=CLIPTokenizer.from_pretrained(subfolder="tokenizer_2", **src),
-                         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(subfolder="text_encoder_2", **src))
+        teacher = self.family.load(source, unet=False)
         wd = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(opts.mixed_precision, torch.float32)
-        # Same placement rule as training (models.place_frozen): the SDXL VAE overflows in fp16.
-        half_vae = (wd == torch.bfloat16 and self.family == "sd") or (opts.vae is not None and wd != torch.float32)
-        self.vae_dtype = wd if half_vae else torch.float32
-        for m, dtype in ((vae, self.vae_dtype), (text, wd), (extra.get("text_encoder_2"), wd)):
-            if m is not None:
-                m.requires_grad_(False).eval().to(self.device, dtype=dtype)
-        self.vae, self.scaling_factor = vae, float(vae.config.scaling_factor)
-        tokenizer = CLIPTokenizer.from_pretrained(subfolder="tokenizer", **src)
-        teacher = models.Teacher(family=self.family, unet=None, vae=vae, text_encoder=text, tokenizer=tokenizer,
-                                 noise_scheduler=None, scheduler_config={}, **extra)
-        self.text = models.text_conditioner_for(teacher, self.device, TrainConfig(
-            pretrained_teacher_model=opts.teacher, resolution=self.resolution))
+        self.vae_dtype = self.family.place(teacher, self.device, wd, vae_replaced=opts.vae is not None)["vae"]
+        self.vae, self.scaling_factor = teacher.vae, float(teacher.vae.config.scaling_factor)
+        self.text = teacher.conditioner(self.device, self.resolution)
 
-    def encode(self, pixels, captions: list[str], batch: Any) -> dict[str, Any]:
-        """{"mean", "std", "prompt_embeds"[, "pooled_embeds"]}: float32 CPU tensors, one row per image."""
-        import torch
-
+    def encode(self, pixels, captions: list[str]) -> dict[str, Any]:
+        """{"mean", "std", *family.cached_fields}: float32 CPU tensors, one row per image."""
         with torch.inference_mode():
             dist = self.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
-            cond = self.text.encode(captions, batch)
-            out = {"mean": dist.mean, "std": dist.std, "prompt_embeds": cond.prompt_embeds}
-            if self.family == "sdxl":
-                out["pooled_embeds"] = cond.added["text_embeds"]
+            out = {"mean": dist.mean, "std": dist.std, **self.text.embed(captions)}
             return {k: v.float().cpu() for k, v in out.items()}
 
 
@@ -234,14 +163,13 @@ def sample_members(tensors: dict[str, Any], i: int, meta: dict[str, str], info: 
 def write_rank(opts: PrecomputeOptions, encoder: Encoder, rank: int = 0, world_size: int = 1,
                progress: bool = True) -> dict:
     """Encode this rank's share of --shards into latent shards in --out; returns (and saves) its manifest."""
-    import torch
     from tqdm import tqdm
 
     from fastlcm.data import ShardLoader
 
     out, r = Path(opts.out), encoder.resolution
     dtype = getattr(torch, opts.latent_dtype)
-    meta = {"format": "fastlcm-latents-1", "family": encoder.family, "resolution": str(r),
+    meta = {"format": "fastlcm-latents-1", "family": encoder.family.name, "resolution": str(r),
             "teacher": opts.teacher, "scaling_factor": repr(encoder.scaling_factor)}
     prefix = f"r{rank:03d}-" if world_size > 1 else ""
     loader = ShardLoader(opts.shards, 1, r, seed=opts.seed, shuffle_buffer=0, threads=opts.threads, rank=rank,
@@ -279,14 +207,9 @@ def write_rank(opts: PrecomputeOptions, encoder: Encoder, rank: int = 0, world_s
 
 def _encode_and_write(items: list, encoder: Encoder, writer: ShardWriter, meta: dict, dtype, prefix: str,
                       start: int, r: int) -> int:
-    import torch
-
     pixels = torch.cat([b.pixels for b in items])
     captions = [b.captions[0] for b in items]
-
-    rows = SimpleNamespace(original_sizes=torch.cat([b.original_sizes for b in items]),  # SDXL time ids
-                           crop_coords=torch.cat([b.crop_coords for b in items]))
-    tensors = {k: v.to(dtype) for k, v in encoder.encode(pixels, captions, rows).items()}
+    tensors = {k: v.to(dtype) for k, v in encoder.encode(pixels, captions).items()}
     for i, b in enumerate(items):
         info = {"caption": captions[i], "original_size": b.original_sizes[0].tolist(),
                 "crop": b.crop_coords[0].tolist(), "flipped": bool(b.flipped[0]), "resolution": r,
@@ -328,8 +251,6 @@ def finalize(opts: PrecomputeOptions, encoder_family: str, resolution: int, worl
 def precompute(opts: PrecomputeOptions) -> dict | None:
     """The whole command; returns the manifest on rank 0 (None on other ranks)."""
     opts.validate()
-    import torch
-
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank, local = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("LOCAL_RANK", "0") or 0)
     device = opts.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
@@ -358,4 +279,4 @@ def _precompute(opts: PrecomputeOptions, rank: int, world: int, device: str, bar
     write_rank(opts, encoder, rank, world, progress=rank == 0)
     if barrier is not None:
         barrier()
-    return finalize(opts, encoder.family, encoder.resolution, world) if rank == 0 else None
+    return finalize(opts, encoder.family.name, encoder.resolution, world) if rank == 0 else None

@@ -1,6 +1,6 @@
 """`fastlcm demo`: the whole product on the embedded tiny default, on a CPU, with no downloads.
 
-1. writes WebDataset shards of the procedural captioned image set (``fastlcm.procedural``);
+1. writes WebDataset shards of the procedural captioned image set (``fastlcm.demo.procedural``);
 2. distills the shipped tiny teacher (``fastlcm/assets/tiny_teacher``) with the real trainer (``fastlcm train``'s
    code path) fed by the Rust ShardLoader;
 3. evaluates (``fastlcm eval``'s code path): every sampler's distance to the teacher's 50-step DDIM output and its
@@ -17,20 +17,18 @@ import os
 import time
 from pathlib import Path
 
+import torch
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("fastlcm-demo"), help="output folder (default ./fastlcm-demo)")
-    parser.add_argument("--steps", type=int, default=600, help="distillation steps (default 600: a few CPU minutes)")
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
-    parser.add_argument("--learning-rate", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
-    parser.add_argument("--num-samples", type=int, default=4096, help="procedural images written as shards (4096)")
-    parser.add_argument("--num-prompts", type=int, default=30, help="prompts in the evaluation (default 30)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, training and evaluation noise")
+from fastlcm.config import TrainConfig
+from fastlcm.demo.procedural import TINY_TEACHER, write_procedural_shards
+from fastlcm.errors import ConfigError
+from fastlcm.sampling.evaluate import EvalTeacher, evaluate, format_table
+from fastlcm.sampling.options import EvalConfig
+from fastlcm.sampling.student import student_from_teacher
+from fastlcm.training.loop import train
 
 
-def _train_config(args: argparse.Namespace, shards: str, teacher: Path, out: Path):
-    from fastlcm.config import TrainConfig
-
+def _train_config(args: argparse.Namespace, shards: str, teacher: Path, out: Path) -> TrainConfig:
     cfg = TrainConfig(
         pretrained_teacher_model=str(teacher),
         train_shards_path_or_url=shards,
@@ -54,14 +52,13 @@ def _train_config(args: argparse.Namespace, shards: str, teacher: Path, out: Pat
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    """The demo (``args`` as ``fastlcm demo`` parses them); ConfigError on a bad value."""
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--num-samples", args.num_samples),
                         ("--num-prompts", args.num_prompts)):
         if value < 1:
-            raise SystemExit(f"fastlcm demo: {flag} must be >= 1, got {value}")
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     if args.num_samples < args.batch_size:
-        raise SystemExit(f"fastlcm demo: --num-samples ({args.num_samples}) must be >= --batch-size ({args.batch_size})")
+        raise ConfigError(f"--num-samples ({args.num_samples}) must be >= --batch-size ({args.batch_size})")
     threads = torch.get_num_threads()
     if not torch.cuda.is_available():
         # Tiny models: one thread avoids oversubscription (much faster on small or shared CPUs).
@@ -73,10 +70,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fastlcm.evaluate import EvalConfig, Teacher, evaluate, format_table, student_from_teacher
-    from fastlcm.procedural import TINY_TEACHER, write_procedural_shards
-    from fastlcm.train import train
-
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -93,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     student_dir = Path(cfg.output_dir) / "unet_target"
 
     print(f"[3/3] evaluating against the teacher's 50-step DDIM ({args.num_prompts} prompts) …", flush=True)
-    teacher = Teacher(TINY_TEACHER)
+    teacher = EvalTeacher(TINY_TEACHER)
     before = student_from_teacher(teacher.unet)
     eval_cfg = EvalConfig(num_prompts=args.num_prompts, seed=args.seed,
                           extra={"train_steps": args.steps, "train_s": round(t_train, 1), "student": "EMA target"})
